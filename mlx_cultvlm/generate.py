@@ -1,0 +1,73 @@
+"""`cultvlm generate`: ask a model (base, with an adapter, or fused) about one or more images."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CultvlmError
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
+from .models import check_model_folder, resolve_model
+
+DEFAULT_PROMPT = "Кто изображён на картинке?"
+
+
+def load_model(model: str, adapter: str | None = None, models_root: str | None = None):
+    """(model, processor) from a preset, folder or repo id; weights from safetensors only."""
+    import mlx_vlm
+
+    folder = resolve_model(model, models_root)
+    check_model_folder(folder)
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        for name in ("adapters.safetensors", "adapter_config.json"):
+            if not (adapter_dir / name).is_file():
+                raise CultvlmError(f"{adapter_dir / name}: missing (not an adapter folder)")
+    return mlx_vlm.load(str(folder), adapter_path=adapter, trust_remote_code=False)
+
+
+def build_prompt(processor, question: str) -> str:
+    """The model's own chat template around one image and a question."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def stream_answer(model, processor, image_path: str | Path, question: str = DEFAULT_PROMPT,
+                  max_tokens: int = 128, temperature: float = 0.0,
+                  min_pixels: int = DEFAULT_MIN_PIXELS,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[str]:
+    """Yield the answer's text piece by piece as tokens are generated."""
+    import mlx_vlm
+
+    check_budget(min_pixels, max_pixels)
+    image = fit_to_budget(load_image(image_path), min_pixels, max_pixels)
+    prompt = build_prompt(processor, question)
+    for chunk in mlx_vlm.stream_generate(model, processor, prompt, image=[image],
+                                         max_tokens=max_tokens, temperature=temperature):
+        yield chunk.text
+
+
+def generate(images: list[str], model: str, adapter: str | None, question: str, max_tokens: int,
+             temperature: float, min_pixels: int, max_pixels: int, seed: int,
+             models_root: str | None = None, out=sys.stdout) -> dict[str, str]:
+    """Print each image's answer as it streams; return them all."""
+    import mlx.core as mx
+
+    check_budget(min_pixels, max_pixels)
+    for path in images:  # fail before loading the model if any image is bad
+        load_image(path)
+    mx.random.seed(seed)
+    model_obj, processor = load_model(model, adapter, models_root)
+    answers = {}
+    for path in images:
+        if len(images) > 1:
+            print(f"== {path}", file=out, flush=True)
+        pieces = []
+        for piece in stream_answer(model_obj, processor, path, question, max_tokens,
+                                   temperature, min_pixels, max_pixels):
+            pieces.append(piece)
+            print(piece, end="", file=out, flush=True)
+        print(file=out, flush=True)
+        answers[str(path)] = "".join(pieces)
+    return answers
