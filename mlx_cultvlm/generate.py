@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -50,8 +49,9 @@ def stream_answer(model, processor, image_path: str | Path, question: str = DEFA
 
 def generate(images: list[str], model: str, adapter: str | None, question: str, max_tokens: int,
              temperature: float, min_pixels: int, max_pixels: int, seed: int,
-             models_root: str | None = None, out=sys.stdout) -> dict[str, str]:
+             models_root: str | None = None) -> dict[str, str]:
     """Print each image's answer as it streams; return them all."""
+    import click
     import mlx.core as mx
 
     check_budget(min_pixels, max_pixels)
@@ -62,12 +62,12 @@ def generate(images: list[str], model: str, adapter: str | None, question: str, 
     answers = {}
     for path in images:
         if len(images) > 1:
-            print(f"== {path}", file=out, flush=True)
+            click.echo(f"== {path}")
         pieces = []
         for piece in stream_answer(model_obj, processor, path, question, max_tokens,
                                    temperature, min_pixels, max_pixels):
             pieces.append(piece)
-            print(piece, end="", file=out, flush=True)
-        print(file=out, flush=True)
+            click.echo(piece, nl=False)
+        click.echo()
         answers[str(path)] = "".join(pieces)
     return answers

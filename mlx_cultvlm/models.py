@@ -121,3 +121,41 @@ def resolve_model(model: str, models_root: str | Path | None = None) -> Path:
     raise CultvlmError(
         f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), "
         "an existing folder, or a Hugging Face repo id")
+
+
+def real_config(size: str) -> dict:
+    """config.json of Qwen2.5-VL-3B/7B-Instruct (the fields that shape the model), to build the
+    real architecture with random weights for memory and speed measurements without a download."""
+    text = {
+        "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                   num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
+                   tie_word_embeddings=True),
+        "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                   num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+                   tie_word_embeddings=False),
+    }[size]
+    return {
+        "model_type": "qwen2_5_vl", **text, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 128000, "torch_dtype": "bfloat16",
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "eos_token_id": 151645,
+        "vision_config": {
+            "model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+            "num_heads": 16, "in_chans": 3, "out_hidden_size": text["hidden_size"], "patch_size": 14,
+            "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
+        },
+    }
+
+
+def build_random_model(config: dict):
+    """An mlx-vlm Qwen2.5-VL with random, still unevaluated (lazy) weights: no memory is used
+    until something evaluates them."""
+    from mlx_vlm.models import qwen2_5_vl
+    from mlx_vlm.utils import update_module_configs
+
+    config = json.loads(json.dumps(config))  # from_dict edits its argument
+    model_config = qwen2_5_vl.ModelConfig.from_dict(config)
+    model_config = update_module_configs(model_config, qwen2_5_vl, config, ["text", "vision"])
+    return qwen2_5_vl.Model(model_config)
