@@ -14,13 +14,12 @@ and its errors reach every image token. See docs/CONVERT.md.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import CultvlmError
+from .files import replace_folder, write_json
 from .models import PRESETS, TINY_SOURCE, check_model_folder, looks_like_repo_id, models_dir, tiny_hf_dir
 
 # Weights, configs and tokenizer files only: no code (*.py) and no pickles (*.bin, *.pt).
@@ -146,9 +145,9 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
             print(f"warning: group size {group_size} does not divide text dims {bad}: "
                   "those layers stay unquantized (see cultvlm_convert.json)")
 
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # mlx-vlm creates it
     from mlx_vlm.convert import convert as mlx_vlm_convert
 
     mlx_vlm_convert(str(src_dir), str(partial), quantize=bits is not None, q_bits=bits or 4,
@@ -170,19 +169,9 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
         "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    (partial / "cultvlm_convert.json").write_text(json.dumps(record, indent=2) + "\n")
-    _replace_folder(partial, out)
+    write_json(partial / "cultvlm_convert.json", record)
+    replace_folder(partial, out)
     return out
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Swap `new` in at `target` by renames, so a loader never sees a half-written model."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _versions() -> dict:

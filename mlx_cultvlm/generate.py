@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CultvlmError
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
 from .models import check_model_folder, resolve_model
 
@@ -18,12 +17,12 @@ def load_model(model: str, adapter: str | None = None, models_root: str | None =
 
     folder = resolve_model(model, models_root)
     check_model_folder(folder)
+    model_obj, processor = mlx_vlm.load(str(folder), trust_remote_code=False)
     if adapter is not None:
-        adapter_dir = Path(adapter)
-        for name in ("adapters.safetensors", "adapter_config.json"):
-            if not (adapter_dir / name).is_file():
-                raise CultvlmError(f"{adapter_dir / name}: missing (not an adapter folder)")
-    return mlx_vlm.load(str(folder), adapter_path=adapter, trust_remote_code=False)
+        from .lora import load_adapter
+
+        load_adapter(model_obj, folder, adapter)
+    return model_obj, processor
 
 
 def build_prompt(processor, question: str) -> str:

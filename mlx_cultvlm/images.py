@@ -82,7 +82,10 @@ def num_image_tokens(height: int, width: int) -> int:
 def fit_to_budget(img: Image.Image, min_pixels: int = DEFAULT_MIN_PIXELS,
                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Resize to the grid size, so the model's processor has nothing left to change."""
-    h, w = grid_size(img.height, img.width, min_pixels, max_pixels)
-    if (h, w) == (img.height, img.width):
+    return resize_exactly(img, *grid_size(img.height, img.width, min_pixels, max_pixels))
+
+
+def resize_exactly(img: Image.Image, height: int, width: int) -> Image.Image:
+    if (height, width) == (img.height, img.width):
         return img
-    return img.resize((w, h), Image.Resampling.BICUBIC)
+    return img.resize((width, height), Image.Resampling.BICUBIC)

@@ -1,0 +1,544 @@
+"""`cultvlm lora`: the LoRA / QLoRA training loop, top to bottom.
+
+load model -> load data -> attach LoRA -> optimizer -> loop (accumulate, clip, update,
+validate, checkpoint) -> save adapters, log and loss curve.
+
+The forward pass is written out here rather than taken from the model's __call__, so that
+the loss is computed only where it is needed (assistant tokens: the LM head over every
+position is most of a 3B step's time), the image features are merged without host syncs
+(which lets the language-model step be compiled), and each piece can be checked in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .errors import CultvlmError
+from .files import write_json
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
+from .samples import Batch, Sample, SampleEncoder, load_split, make_batch
+
+TEXT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VISION_LINEARS = {"merger": ["merger.mlp.0", "merger.mlp.2"],
+                  "all": ["merger.mlp.0", "merger.mlp.2", "attn.qkv", "attn.proj",
+                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+
+
+@dataclass
+class LoraConfig:
+    model: str = "7b-4bit"
+    data: str = ""
+    out: str = "adapters/run"
+    models_dir: str | None = None
+    # data
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_pixels: int = DEFAULT_MIN_PIXELS
+    max_seq_len: int = 1024
+    skip_bad_samples: bool = False
+    # adapters
+    rank: int = 16
+    alpha: float = 32.0  # scale = alpha / rank
+    dropout: float = 0.05
+    targets: list = field(default_factory=lambda: list(TEXT_LINEARS))  # + "lm_head" if untied
+    vision: str = "none"  # none | merger | all: also put LoRA on the vision side
+    # optimisation
+    steps: int = 200  # optimizer updates
+    batch_size: int = 1
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * this
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    grad_checkpoint: bool = False
+    compile: bool = True
+    seed: int = 0
+    # bookkeeping
+    val_every: int = 50
+    save_every: int = 50
+
+
+# Fields a resumed run may change without changing what it computes.
+RESUMABLE_CHANGES = {"steps", "val_every", "save_every", "out", "models_dir"}
+
+
+def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
+    """Defaults, then the YAML file, then command-line flags (those not None)."""
+    values = {}
+    if yaml_path:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise CultvlmError(f"{yaml_path}: cannot read config ({e})") from None
+        if not isinstance(loaded, dict):
+            raise CultvlmError(f"{yaml_path}: expected a mapping of option: value")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(LoraConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CultvlmError(f"{yaml_path or 'options'}: unknown field(s) {', '.join(unknown)}")
+    cfg = LoraConfig(**values)
+    if cfg.rank <= 0:
+        raise CultvlmError(f"rank must be a positive integer, got {cfg.rank}")
+    if not 0 <= cfg.dropout < 1:
+        raise CultvlmError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if cfg.vision not in ("none", "merger", "all"):
+        raise CultvlmError(f"vision must be none, merger or all, got {cfg.vision!r}")
+    for name in ("steps", "batch_size", "grad_accum", "val_every", "save_every", "max_seq_len"):
+        if getattr(cfg, name) <= 0:
+            raise CultvlmError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if not cfg.data:
+        raise CultvlmError("--data is required: a folder with train.jsonl and valid.jsonl")
+    check_budget(cfg.min_pixels, cfg.max_pixels)
+    return cfg
+
+
+# ---------------------------------------------------------------- adapters
+
+def resolve_targets(model, cfg: LoraConfig) -> list[str]:
+    """Full module names (from the model root) that get LoRA."""
+    modules = dict(model.named_modules())
+    keys = []
+    for suffix in cfg.targets:
+        if suffix == "lm_head":
+            if "language_model.lm_head" not in modules:
+                raise CultvlmError("target lm_head: this model ties lm_head to the embeddings "
+                                   "(3B does); drop it from targets")
+            keys.append("language_model.lm_head")
+            continue
+        found = [n for n in modules if n.startswith("language_model.model.layers.")
+                 and n.endswith("." + suffix)]
+        if not found:
+            raise CultvlmError(f"target {suffix!r} matches no linear layer of the language model")
+        keys += found
+    if cfg.vision != "none":
+        for suffix in VISION_LINEARS[cfg.vision]:
+            keys += [n for n in modules if n.startswith("vision_tower.") and n.endswith("." + suffix)]
+    return sorted(set(keys), key=lambda n: list(modules).index(n))
+
+
+def attach_lora(model, keys: list[str], rank: int, scale: float, dropout: float) -> None:
+    """Freeze the whole model and wrap each named linear in mlx-lm's LoRALinear (which also
+    wraps QuantizedLinear: that is QLoRA)."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model.freeze()
+    modules = dict(model.named_modules())
+    wrapped = []
+    for key in keys:
+        layer = modules.get(key)
+        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
+            raise CultvlmError(f"LoRA target {key}: not a linear layer of this model")
+        wrapped.append((key, LoRALinear.from_base(layer, r=rank, dropout=dropout, scale=scale)))
+    model.update_modules(tree_unflatten(wrapped))
+
+
+def base_identity(model_dir: Path) -> dict:
+    """What an adapter must match: the architecture and quantization of its base."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    q = config.get("quantization") or {}
+    return {
+        "model": str(model_dir),
+        "hidden_size": config.get("hidden_size"),
+        "num_hidden_layers": config.get("num_hidden_layers"),
+        "vocab_size": config.get("vocab_size"),
+        "vision_hidden_size": config.get("vision_config", {}).get("hidden_size"),
+        "quantization": {"bits": q.get("bits"), "group_size": q.get("group_size")} if q else None,
+    }
+
+
+def adapter_config(cfg: LoraConfig, keys: list[str], base: dict) -> dict:
+    """adapter_config.json as stock mlx_vlm.load(..., adapter_path=...) reads it."""
+    return {
+        "fine_tune_type": "lora",
+        "num_layers": -1,
+        "lora_parameters": {"rank": cfg.rank, "dropout": cfg.dropout,
+                            "scale": cfg.alpha / cfg.rank, "keys": keys},
+        "base_model": base,
+    }
+
+
+def load_adapter(model, model_dir: Path, adapter_dir: str | Path) -> dict:
+    """Attach and load a saved adapter, checking base model, names and shapes strictly."""
+    adapter_dir = Path(adapter_dir)
+    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapters.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise CultvlmError(f"{path}: missing (not an adapter folder)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        params = config["lora_parameters"]
+        keys, rank, scale, dropout = params["keys"], params["rank"], params["scale"], params["dropout"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CultvlmError(f"{config_path}: not a LoRA adapter config ({e})") from None
+    trained_on, here = config.get("base_model") or {}, base_identity(model_dir)
+    for dim in ("hidden_size", "num_hidden_layers", "vocab_size", "vision_hidden_size"):
+        if dim in trained_on and trained_on[dim] != here[dim]:
+            raise CultvlmError(
+                f"{adapter_dir}: trained on a different base model ({dim} {trained_on[dim]} "
+                f"at {trained_on.get('model')}, this model {here[dim]} at {model_dir})")
+    if "quantization" in trained_on and trained_on["quantization"] != here["quantization"]:
+        print(f"note: {adapter_dir} was trained on a base quantized as {trained_on['quantization']}, "
+              f"this one is {here['quantization']}; answers may differ slightly")
+    modules = dict(model.named_modules())
+    missing = [k for k in keys if k not in modules]
+    if missing:
+        raise CultvlmError(f"{adapter_dir}: adapter targets layers this model lacks: {missing[:3]}")
+    attach_lora(model, keys, rank, scale, dropout)
+    weights = mx.load(str(weights_path))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    problems = [f"missing {k}" for k in expected if k not in weights]
+    problems += [f"unexpected {k}" for k in weights if k not in expected]
+    problems += [f"{k}: shape {tuple(weights[k].shape)} != {tuple(v.shape)}"
+                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
+    if problems:
+        raise CultvlmError(f"{weights_path}: does not fit this model: {'; '.join(problems[:4])}"
+                           + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""))
+    model.load_weights(list(weights.items()), strict=False)
+    model.eval()
+    return config
+
+
+# ---------------------------------------------------------------- forward and loss
+
+def image_features(model, pixel_values: mx.array, grid: mx.array) -> mx.array:
+    dtype = model.vision_tower.patch_embed.proj.weight.dtype
+    return model.vision_tower(pixel_values.astype(dtype), grid, output_hidden_states=False)
+
+
+def lm_head(model, h: mx.array) -> mx.array:
+    lm = model.language_model
+    if hasattr(lm, "lm_head"):
+        return lm.lm_head(h)
+    return lm.model.embed_tokens.as_linear(h)
+
+
+def batch_loss(model, input_ids, features, gather_index, position_ids, target_rows, targets, weights):
+    """(sum of cross-entropy over target tokens, their count). Image features replace the
+    image-pad embeddings by one gather; logits are computed only at target rows."""
+    lm = model.language_model
+    embeds = lm.model.embed_tokens(input_ids)
+    B, L, D = embeds.shape
+    if features is not None:
+        flat = mx.concatenate([embeds.reshape(B * L, D), features.astype(embeds.dtype)])
+        embeds = flat[gather_index].reshape(B, L, D)
+    h = lm.model(None, inputs_embeds=embeds, position_ids=position_ids)
+    logits = lm_head(model, h.reshape(B * L, D)[target_rows]).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets) * weights
+    return ce.sum(), weights.sum()
+
+
+@dataclass
+class StepInputs:
+    """A batch as arrays for the loss; built on the host (numpy) so the step needs no syncs."""
+    input_ids: mx.array
+    pixel_values: mx.array | None
+    grid: mx.array | None
+    gather_index: mx.array | None
+    position_ids: mx.array
+    target_rows: mx.array
+    targets: mx.array
+    weights: mx.array
+    n_tokens: int  # non-padding tokens, for throughput
+    n_targets: int
+
+
+def step_inputs(model, batch: Batch, image_pad_id: int, bucket: int = 32) -> StepInputs:
+    ids = batch.input_ids
+    B, L = ids.shape
+    ids_mx = mx.array(ids)
+    gather = grid = pixels = None
+    if batch.pixel_values is not None:
+        image_rows = np.nonzero(ids.reshape(-1) == image_pad_id)[0]
+        index = np.arange(B * L, dtype=np.int32)
+        index[image_rows] = B * L + np.arange(len(image_rows), dtype=np.int32)
+        gather, grid, pixels = mx.array(index), mx.array(batch.image_grid_thw), mx.array(batch.pixel_values)
+    position_ids, _ = model.language_model.get_rope_index(ids_mx, grid, None, mx.array(batch.attention_mask))
+    # Row t predicts token t+1: rows whose next token carries loss.
+    next_is_target = np.zeros_like(batch.loss_mask)
+    next_is_target[:, :-1] = batch.loss_mask[:, 1:]
+    rows = np.nonzero(next_is_target.reshape(-1))[0].astype(np.int32)
+    targets = ids.reshape(-1)[rows + 1]
+    padded = -(-len(rows) // bucket) * bucket  # few distinct shapes for the compiled step
+    pad = padded - len(rows)
+    weights = np.concatenate([np.ones(len(rows), np.float32), np.zeros(pad, np.float32)])
+    rows = np.concatenate([rows, np.zeros(pad, np.int32)])
+    targets = np.concatenate([targets, np.zeros(pad, np.int32)])
+    return StepInputs(ids_mx, pixels, grid, gather, position_ids, mx.array(rows), mx.array(targets),
+                      mx.array(weights), int(batch.attention_mask.sum()), int(batch.loss_mask.sum()))
+
+
+def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
+    """f(StepInputs) -> ((loss_sum, n_targets), grads of loss_sum w.r.t. the adapters).
+
+    With a frozen vision tower its features are computed outside the differentiated function
+    (no backward through it), and the language-model step can be compiled. With LoRA on the
+    vision side the vision tower runs inside it, uncompiled (it reads the grid on the host).
+    """
+    if vision_trainable:
+        def loss(model, s):
+            feats = image_features(model, s.pixel_values, s.grid) if s.pixel_values is not None else None
+            return batch_loss(model, s.input_ids, feats, s.gather_index, s.position_ids,
+                              s.target_rows, s.targets, s.weights)
+        value_and_grad = nn.value_and_grad(model, loss)
+        return lambda s: value_and_grad(model, s)
+
+    def loss(model, input_ids, feats, gather_index, position_ids, target_rows, targets, weights):
+        return batch_loss(model, input_ids, feats, gather_index, position_ids, target_rows, targets, weights)
+
+    value_and_grad = nn.value_and_grad(model, loss)
+    with_image = without_image = lambda *args: value_and_grad(model, *args)
+    if use_compile:
+        state = [model.state, mx.random.state]
+        with_image = mx.compile(with_image, inputs=state, outputs=state)
+        without_image = mx.compile(lambda ids, *rest: value_and_grad(model, ids, None, None, *rest),
+                                   inputs=state, outputs=state)
+
+    def grad_fn(s: StepInputs):
+        if s.pixel_values is None:
+            return without_image(s.input_ids, s.position_ids, s.target_rows, s.targets, s.weights)
+        feats = mx.stop_gradient(image_features(model, s.pixel_values, s.grid))
+        return with_image(s.input_ids, feats, s.gather_index, s.position_ids, s.target_rows,
+                          s.targets, s.weights)
+    return grad_fn
+
+
+def evaluate_loss(model, samples: list[Sample], encoder: SampleEncoder, batch_size: int) -> float:
+    """Mean cross-entropy per target token over `samples` (no dropout)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(samples), batch_size):
+        s = step_inputs(model, make_batch(samples[i:i + batch_size], encoder), encoder.image_pad_id)
+        feats = image_features(model, s.pixel_values, s.grid) if s.pixel_values is not None else None
+        loss_sum, n = batch_loss(model, s.input_ids, feats, s.gather_index, s.position_ids,
+                                 s.target_rows, s.targets, s.weights)
+        mx.eval(loss_sum, n)
+        total, count = total + loss_sum.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+# ---------------------------------------------------------------- data order
+
+def batch_order(n_samples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation fixed by (seed, epoch), so resuming at
+    (epoch, index) replays exactly the same data."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n_samples)
+    return [perm[i:i + batch_size].tolist() for i in range(0, n_samples, batch_size)]
+
+
+def learning_rate_schedule(cfg: LoraConfig):
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    decay = optim.cosine_decay(cfg.learning_rate, max(cfg.steps - warmup, 1),
+                               end=cfg.learning_rate * cfg.min_lr_ratio)
+    if warmup <= 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(cfg.learning_rate / warmup, cfg.learning_rate, warmup), decay],
+                                [warmup])
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
+    """Adapters, optimizer state, step and data position, written to a partial folder and
+    renamed into place: a killed run leaves the previous checkpoint or the new one."""
+    from .files import partial_folder, replace_folder
+
+    partial = partial_folder(folder)
+    mx.save_safetensors(str(partial / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+    write_json(partial / "state.json", state)
+    replace_folder(partial, folder)
+
+
+def load_checkpoint(folder: Path, model, optimizer, cfg: LoraConfig) -> dict:
+    state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    saved = state["config"]
+    changed = sorted(k for k in saved if k not in RESUMABLE_CHANGES and saved[k] != asdict(cfg).get(k))
+    if changed:
+        raise CultvlmError(f"{folder}: cannot resume, the run was started with different "
+                           f"{', '.join(f'{k} ({saved[k]!r} -> {getattr(cfg, k)!r})' for k in changed)}")
+    model.load_weights(list(mx.load(str(folder / "adapters.safetensors")).items()), strict=False)
+    optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+    return state
+
+
+# ---------------------------------------------------------------- the run
+
+def prepare_output(out: Path, resume: bool, force: bool) -> None:
+    previous = [p for p in ("checkpoint", "train_log.jsonl", "adapters.safetensors") if (out / p).exists()]
+    if previous and not (resume or force):
+        raise CultvlmError(f"{out}: holds a previous run ({', '.join(previous)}); pass --resume "
+                           "to continue it or --force to start over")
+    if resume and not (out / "checkpoint" / "state.json").is_file():
+        raise CultvlmError(f"{out / 'checkpoint'}: no checkpoint to resume from")
+    if force and not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> Path:
+    """Run (or resume) a LoRA training; returns the output folder. `stop_after` ends the run
+    after that many optimizer steps as if it had been killed (for tests)."""
+    from tqdm import tqdm
+
+    from .generate import load_model
+    from .models import resolve_model
+
+    out = Path(cfg.out)
+    data = Path(cfg.data)
+    prepare_output(out, resume, force)
+
+    # 1. model
+    model_dir = resolve_model(cfg.model, cfg.models_dir)
+    model, processor = load_model(str(model_dir))
+    if mx.metal.is_available():  # keep the weights wired on a Mac, as mlx-lm does
+        mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+
+    # 2. data: every sample checked before the first step
+    encoder = SampleEncoder(processor, cfg.min_pixels, cfg.max_pixels, cfg.max_seq_len)
+    train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples)
+    valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples)
+    for problem in bad_train + bad_valid:
+        print(f"skipped: {problem}")
+    shrunk = sum(s.shrunk for s in train_set + valid_set)
+    print(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
+          + (f", {len(bad_train) + len(bad_valid)} skipped" if bad_train or bad_valid else "")
+          + (f", {shrunk} given fewer pixels to fit max_seq_len {cfg.max_seq_len}" if shrunk else ""))
+
+    # 3. adapters
+    mx.random.seed(cfg.seed)
+    keys = resolve_targets(model, cfg)
+    attach_lora(model, keys, cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.language_model.model.layers[0])
+    model.train()
+    n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    print(f"LoRA: {len(keys)} layers, rank {cfg.rank}, {n_trainable:,} trainable parameters")
+
+    # 4. optimizer
+    optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    grad_fn = make_grad_fn(model, cfg.vision != "none", cfg.compile)
+
+    step, epoch, position = 0, 0, 0
+    log_path = out / "train_log.jsonl"
+    if resume:
+        state = load_checkpoint(out / "checkpoint", model, optimizer, cfg)
+        step, epoch, position = state["step"], state["epoch"], state["position"]
+        kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step] if log_path.exists() else []
+        log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        print(f"resumed at step {step}")
+    else:
+        log_path.write_text("", encoding="utf-8")
+    (out / "config.yaml").write_text(_yaml(asdict(cfg) | {"resolved_targets": keys}), encoding="utf-8")
+
+    # 5. loop
+    base = base_identity(model_dir)
+    order = batch_order(len(train_set), cfg.batch_size, cfg.seed, epoch)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    steps_this_run = 0
+    while step < cfg.steps:
+        mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks depend only on (seed, step)
+        start = time.perf_counter()
+        grads_sum, loss_sum, n_targets, n_tokens = None, 0.0, 0, 0
+        for _ in range(cfg.grad_accum):
+            if position >= len(order):
+                epoch, position = epoch + 1, 0
+                order = batch_order(len(train_set), cfg.batch_size, cfg.seed, epoch)
+            batch = make_batch([train_set[i] for i in order[position]], encoder)
+            position += 1
+            inputs = step_inputs(model, batch, encoder.image_pad_id)
+            (loss, _), grads = grad_fn(inputs)
+            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+            mx.eval(grads_sum, loss)
+            loss_sum += loss.item()
+            n_targets += inputs.n_targets
+            n_tokens += inputs.n_tokens
+        # The mean over every target token of the accumulated batches, not a mean of means.
+        grads = tree_map(lambda g: g / n_targets, grads_sum)
+        grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        lr = optimizer.learning_rate.item()
+        optimizer.update(model, grads)
+        mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        step += 1
+        steps_this_run += 1
+        seconds = time.perf_counter() - start
+        entry = {"step": step, "loss": loss_sum / n_targets, "lr": lr, "grad_norm": grad_norm.item(),
+                 "target_tokens": n_targets, "tokens": n_tokens, "tokens_per_s": n_tokens / seconds,
+                 "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": None}
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            entry["val_loss"] = evaluate_loss(model, valid_set, encoder, cfg.batch_size)
+        with log_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                        peak=f"{entry['peak_memory_gb']:.2f}GB")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(out / "checkpoint", model, optimizer,
+                            {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+                             "rng": "mx.random.seed(seed * 1000003 + step) before each step",
+                             "config": asdict(cfg)})
+        if stop_after is not None and steps_this_run >= stop_after:
+            bar.close()
+            return out
+    bar.close()
+
+    # 6. save
+    _save_adapters(out, model, adapter_config(cfg, keys, base))
+    _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
+    print(f"adapters written to {out}")
+    return out
+
+
+def _save_adapters(out: Path, model, config: dict) -> None:
+    tmp = out / ".adapters.partial.safetensors"
+    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
+    tmp.replace(out / "adapters.safetensors")
+    write_json(out / "adapter_config.json", config)
+
+
+def _yaml(obj: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
+
+
+def _plot_losses(log_path: Path, png: Path, n_train: int, n_valid: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], label=f"train (n={n_train} samples)")
+    val = [e for e in log if e["val_loss"] is not None]
+    if val:
+        ax.plot([e["step"] for e in val], [e["val_loss"] for e in val], "o-", label=f"valid (n={n_valid} samples)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per assistant token")
+    ax.set_yscale("log" if min(e["loss"] for e in log) > 0 else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("LoRA training loss")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
