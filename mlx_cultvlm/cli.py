@@ -58,5 +58,54 @@ def generate(images, model, adapter, prompt, max_tokens, temp, max_pixels, min_p
                  min_pixels, max_pixels, seed, models_root=models_dir)
 
 
+@main.command()
+@click.option("--model", default=None, help=MODEL_HELP + " [default: 7b-4bit]")
+@click.option("--data", default=None, type=click.Path(file_okay=False),
+              help="dataset folder with train.jsonl and valid.jsonl")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="output folder [default: adapters/run]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of options (flags win)")
+@click.option("--steps", type=int, help="optimizer steps")
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int, help="batches per optimizer step")
+@click.option("--learning-rate", type=float)
+@click.option("--rank", type=int)
+@click.option("--alpha", type=float, help="LoRA scale = alpha / rank")
+@click.option("--dropout", type=float)
+@click.option("--vision", type=click.Choice(["none", "merger", "all"]), help="also adapt the vision side")
+@click.option("--max-pixels", type=int)
+@click.option("--min-pixels", type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
+@click.option("--compile/--no-compile", "compile_step", default=None, help="mx.compile the language-model step")
+@click.option("--seed", type=int)
+@click.option("--skip-bad-samples/--fail-on-bad-samples", default=None,
+              help="skip unreadable samples (counted) instead of failing before training")
+@click.option("--models-dir", type=click.Path(file_okay=False))
+@click.option("--resume", is_flag=True, help="continue from the last checkpoint in --out")
+@click.option("--force", is_flag=True, help="delete a previous run in --out and start over")
+def lora(config_file, resume, force, compile_step, **options):
+    """Train LoRA adapters (QLoRA on a quantized base) on a dataset folder."""
+    from .lora import load_config, train
+
+    options["compile"] = compile_step
+    cfg = load_config(config_file, options)
+    train(cfg, resume=resume, force=force)
+
+
+@main.command()
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--adapter", required=True, type=click.Path(file_okay=False), help="LoRA adapter folder")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="fused model folder to write")
+@click.option("--dequantize", is_flag=True, help="write float16 weights instead of re-quantizing")
+@click.option("--models-dir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+def fuse(model, adapter, out, dequantize, models_dir, force):
+    """Merge adapters into the base model; the result loads with stock mlx_vlm.load."""
+    from .fuse import fuse as run_fuse
+
+    folder = run_fuse(model, adapter, out, dequantize=dequantize, force=force, models_root=models_dir)
+    click.echo(f"fused model written to {folder}")
+
+
 if __name__ == "__main__":
     main()

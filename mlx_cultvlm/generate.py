@@ -31,6 +31,18 @@ def build_prompt(processor, question: str) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def only_real_tokens(n_tokens: int):
+    """A logits processor that never picks an id past the tokenizer's last token: the
+    embedding has spare rows (151936 rows for 151665 tokens in 3B) that decode to nothing."""
+    import mlx.core as mx
+
+    def process(tokens, logits):
+        if logits.shape[-1] <= n_tokens:
+            return logits
+        return mx.where(mx.arange(logits.shape[-1]) >= n_tokens, -mx.inf, logits)
+    return process
+
+
 def stream_answer(model, processor, image_path: str | Path, question: str = DEFAULT_PROMPT,
                   max_tokens: int = 128, temperature: float = 0.0,
                   min_pixels: int = DEFAULT_MIN_PIXELS,
@@ -42,7 +54,8 @@ def stream_answer(model, processor, image_path: str | Path, question: str = DEFA
     image = fit_to_budget(load_image(image_path), min_pixels, max_pixels)
     prompt = build_prompt(processor, question)
     for chunk in mlx_vlm.stream_generate(model, processor, prompt, image=[image],
-                                         max_tokens=max_tokens, temperature=temperature):
+                                         max_tokens=max_tokens, temperature=temperature,
+                                         logits_processors=[only_real_tokens(len(processor.tokenizer))]):
         yield chunk.text
 
 

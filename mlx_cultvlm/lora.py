@@ -61,7 +61,7 @@ class LoraConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_checkpoint: bool = False
-    compile: bool = True
+    compile: bool = False  # measured: no gain on the CPU backend, ~25 s to trace (docs/TRAINING.md)
     seed: int = 0
     # bookkeeping
     val_every: int = 50
@@ -390,10 +390,18 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+@dataclass
+class TrainResult:
+    out: Path
+    model: object  # the model with its trained adapters, in memory
+    processor: object
+    encoder: SampleEncoder
+
+
 def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> Path:
-    """Run (or resume) a LoRA training; returns the output folder. `stop_after` ends the run
-    after that many optimizer steps as if it had been killed (for tests)."""
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) a LoRA training. `stop_after` ends the run after that many optimizer
+    steps as if it had been killed (for tests)."""
     from tqdm import tqdm
 
     from .generate import load_model
@@ -498,14 +506,14 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
                              "config": asdict(cfg)})
         if stop_after is not None and steps_this_run >= stop_after:
             bar.close()
-            return out
+            return TrainResult(out, model, processor, encoder)
     bar.close()
 
     # 6. save
     _save_adapters(out, model, adapter_config(cfg, keys, base))
     _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
     print(f"adapters written to {out}")
-    return out
+    return TrainResult(out, model, processor, encoder)
 
 
 def _save_adapters(out: Path, model, config: dict) -> None:

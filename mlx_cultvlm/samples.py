@@ -15,6 +15,7 @@ are never cut: a sample longer than `max_seq_len` gets fewer pixels, or is rejec
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,9 @@ def resolve_image(root: Path, rel: str, where: str) -> Path:
     """An image path of a dataset line, which must stay inside the dataset folder."""
     if not isinstance(rel, str) or not rel:
         raise CultvlmError(f"{where}: image paths must be non-empty strings")
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
+    # Checked on the path as written (symlinks the user placed in the folder are followed).
+    path = Path(os.path.normpath(root / rel))
+    if Path(rel).is_absolute() or not path.is_relative_to(os.path.normpath(root)):
         raise CultvlmError(f"{where}: image path {rel!r} points outside the dataset folder {root}")
     return path
 

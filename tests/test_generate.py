@@ -88,7 +88,7 @@ def test_bad_model_folder_and_adapter(tiny_4bit, tmp_path, image_file):
     result = run("generate", str(image_file), "--model", str(tmp_path))
     assert result.exit_code == 1 and "config.json: missing" in result.output
     result = run("generate", str(image_file), "--model", str(tiny_4bit), "--adapter", str(tmp_path))
-    assert result.exit_code == 1 and "adapters.safetensors: missing" in result.output
+    assert result.exit_code == 1 and "missing (not an adapter folder)" in result.output
     result = run("generate", str(image_file), "--model", str(tiny_4bit), "--max-pixels", "100")
     assert result.exit_code == 1 and "pixel budget" in result.output
 

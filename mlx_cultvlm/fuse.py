@@ -1,0 +1,122 @@
+"""`cultvlm fuse`: merge LoRA adapters into the base and write a plain model folder.
+
+The result loads with stock `mlx_vlm.load` and needs no cultvlm code. By default quantized
+layers are re-quantized after merging (same bits and group size as the base, so the folder
+stays small); `--dequantize` writes float16 weights instead, which keeps the merge exact up to
+float16 rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .errors import CultvlmError
+from .files import partial_folder, replace_folder, write_json
+
+# Tokenizer, chat template and processor files to carry over from the base folder.
+SIDE_FILES = ("*.json", "*.txt", "*.jinja")
+NOT_COPIED = {"config.json", "model.safetensors.index.json", "cultvlm_convert.json"}
+
+
+def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, force: bool = False,
+         models_root: str | None = None) -> Path:
+    from mlx_lm.tuner.lora import LoRALinear
+    from mlx_vlm.utils import save_config, save_weights
+
+    from .generate import load_model
+    from .models import resolve_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise CultvlmError(f"{out}: already exists and is not empty; pass --force to replace it")
+    base_dir = resolve_model(model, models_root)
+    model_obj, _ = load_model(str(base_dir), adapter, models_root)
+
+    fused = [(name, merge_lora(module, dequantize)) for name, module in model_obj.named_modules()
+             if isinstance(module, LoRALinear)]
+    model_obj.update_modules(tree_unflatten(fused))
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if dequantize:
+        _dequantize_all(model_obj)
+        model_obj.update(tree_map(lambda p: p.astype(mx.float16) if mx.issubdtype(p.dtype, mx.floating) else p,
+                                  model_obj.parameters()))
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        config["torch_dtype"] = "float16"
+
+    partial = partial_folder(out)
+    save_weights(partial, model_obj, donate_weights=True)
+    for pattern in SIDE_FILES:
+        for f in base_dir.glob(pattern):
+            if f.name not in NOT_COPIED:
+                shutil.copy2(f, partial / f.name)
+    save_config(config, config_path=partial / "config.json")
+    write_json(partial / "cultvlm_fuse.json", {
+        "base_model": str(base_dir),
+        "adapter": str(Path(adapter).resolve()),
+        "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")),
+        "fused_layers": len(fused),
+        "dequantized": dequantize,
+        "fused_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    })
+    replace_folder(partial, out)
+    return out
+
+
+def merge_lora(lora, dequantize: bool):
+    """W + scale * (A @ B)^T as one linear layer. The sum is formed in float32 (mlx-lm's own
+    fuse adds in the base dtype: a bf16 sum alone moved the tiny model's logits by 0.3);
+    a quantized base is re-quantized with its own bits and group size unless `dequantize`."""
+    base = lora.linear
+    quantized = isinstance(base, nn.QuantizedLinear)
+    dtype = base.scales.dtype if quantized else base.weight.dtype
+    weight = dequantize_exactly(base) if quantized else base.weight.astype(mx.float32)
+    merged = weight + (lora.scale * lora.lora_b.T) @ lora.lora_a.T
+    layer = nn.Linear(merged.shape[1], merged.shape[0], bias="bias" in base)
+    layer.weight = merged
+    if "bias" in base:
+        layer.bias = base.bias
+    if quantized and not dequantize:
+        # Quantize the float32 sum, then store scales in the base's dtype. Lossy: a LoRA
+        # update smaller than the 4-bit step is partly rounded away (docs/TRAINING.md).
+        layer = nn.QuantizedLinear.from_linear(layer, base.group_size, base.bits, mode=base.mode)
+        layer.scales, layer.biases = layer.scales.astype(dtype), layer.biases.astype(dtype)
+    elif not dequantize:
+        layer.weight = merged.astype(dtype)
+    return layer
+
+
+def dequantize_exactly(layer) -> mx.array:
+    """The float32 weight of a quantized layer. Dequantizing with bf16 scales would round
+    every weight to bf16 (an error of ~6e-5 on weights of ~0.02 in the tiny model)."""
+    return mx.dequantize(layer.weight, layer.scales.astype(mx.float32), layer.biases.astype(mx.float32),
+                         group_size=layer.group_size, bits=layer.bits, mode=layer.mode)
+
+
+def _dequantize_all(model) -> None:
+    """Replace every remaining quantized linear/embedding with its float equivalent."""
+    replaced = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = dequantize_exactly(module)
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            layer.weight = weight
+            if "bias" in module:
+                layer.bias = module.bias
+            replaced.append((name, layer))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = dequantize_exactly(module)
+            layer = nn.Embedding(*weight.shape)
+            layer.weight = weight
+            replaced.append((name, layer))
+    if replaced:
+        model.update_modules(tree_unflatten(replaced))
+    # Nothing quantized may remain, or the saved config would lie.
+    assert not any(k.endswith(".scales") for k, _ in tree_flatten(model.parameters()))
