@@ -61,7 +61,7 @@ class LoraConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     grad_checkpoint: bool = False
-    compile: bool = False  # measured: no gain on the CPU backend, ~25 s to trace (docs/TRAINING.md)
+    compile: bool = False  # same loss, no speed-up measured on the CPU backend (docs/TRAINING.md)
     seed: int = 0
     # bookkeeping
     val_every: int = 50
