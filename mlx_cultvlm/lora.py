@@ -402,8 +402,6 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
           progress: bool = True) -> TrainResult:
     """Run (or resume) a LoRA training. `stop_after` ends the run after that many optimizer
     steps as if it had been killed (for tests)."""
-    from tqdm import tqdm
-
     from .generate import load_model
     from .models import resolve_model
 
@@ -432,10 +430,23 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     mx.random.seed(cfg.seed)
     keys = resolve_targets(model, cfg)
     attach_lora(model, keys, cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
+    layer_class = type(model.language_model.model.layers[0])
+    plain_call = layer_class.__call__
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
 
-        grad_checkpoint(model.language_model.model.layers[0])
+        grad_checkpoint(model.language_model.model.layers[0])  # patches the decoder-layer class
+    try:
+        return _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
+                           model_dir, resume, stop_after, progress)
+    finally:
+        layer_class.__call__ = plain_call  # undo the patch: later models in this process run plainly
+
+
+def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys, model_dir,
+                resume, stop_after, progress) -> TrainResult:
+    from tqdm import tqdm
+
     model.train()
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     print(f"LoRA: {len(keys)} layers, rank {cfg.rank}, {n_trainable:,} trainable parameters")
