@@ -107,5 +107,19 @@ def fuse(model, adapter, out, dequantize, models_dir, force):
     click.echo(f"fused model written to {folder}")
 
 
+@main.group()
+def data():
+    """The entity catalog, images, captions and datasets (add, check, collect, caption, build)."""
+
+
+def _add_data_commands():
+    from .data import add, build, caption, check, collect
+
+    for module in (add, check, collect, caption, build):
+        data.add_command(module.command)
+
+
+_add_data_commands()
+
 if __name__ == "__main__":
     main()

@@ -7,6 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
+import click
+
+from .errors import CultvlmError
+
 
 def replace_folder(new: Path, target: Path) -> None:
     """Swap the finished folder `new` in at `target` by renames; a reader sees the old or the
@@ -32,3 +36,55 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+# JSON-lines logs (captions, image sources) are appended one line per item, so a crash loses
+# at most the line being written.
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file this project appends to. A crash mid-append can leave
+    a torn last line (no newline): it is cut away, with a note, so the file is valid again.
+    Any other bad line is an error naming it."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data.rfind(b"\n") + 1
+    tail = data[complete:]
+    if tail.strip():
+        try:
+            json.loads(tail)
+            whole = True  # only the newline is missing (e.g. edited by hand): keep the record
+        except ValueError:
+            whole = False
+        if whole:
+            with open(path, "ab") as f:
+                f.write(b"\n")
+            complete = len(data) + 1
+            data += b"\n"
+        else:
+            click.echo(f"note: {path}: removed a torn last line ({len(tail)} bytes) left by an "
+                       "interrupted run; its item will be redone", err=True)
+    if complete < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(complete)
+            os.fsync(f.fileno())
+    records = []
+    for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            raise CultvlmError(f"{path}:{number}: not a JSON object; fix or delete that line")
+        records.append(record)
+    return records
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """One line in one write, flushed to disk before we go on."""
+    with open(path, "ab") as f:
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CultvlmError
@@ -39,6 +40,12 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()  # decodes every byte: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):
+                # 16-bit (or 32-bit int) grey: Pillow's convert("RGB") clips it to white.
+                # Scale by the format's range instead.
+                values = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or values.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
             if img.mode in ("RGBA", "LA", "P", "PA"):
                 # Transparent pixels are undefined colour underneath: put them on white.
                 rgba = img.convert("RGBA")

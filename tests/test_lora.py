@@ -18,7 +18,7 @@ from mlx_cultvlm.generate import build_prompt, load_model, stream_answer
 from mlx_cultvlm.images import fit_to_budget, load_image, num_image_tokens
 from mlx_cultvlm.lora import batch_loss, image_features, load_config, step_inputs, train
 from mlx_cultvlm.samples import SampleEncoder, load_split, make_batch
-from synthetic import ENTITIES, QUESTION, make_dataset
+from synthetic import QUESTION, make_dataset
 
 PIXELS = 112 * 112  # 16 image tokens per picture
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -1,0 +1,1 @@
+"""Everything before training: the entity catalog, images, captions and dataset splits."""
