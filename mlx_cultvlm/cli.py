@@ -107,6 +107,43 @@ def fuse(model, adapter, out, dequantize, models_dir, force):
     click.echo(f"fused model written to {folder}")
 
 
+@main.command("eval")
+@click.option("--model", required=True, help=MODEL_HELP)
+@click.option("--adapter", type=click.Path(file_okay=False), help="LoRA adapter folder")
+@click.option("--data", type=click.Path(file_okay=False), help="dataset folder (from `cultvlm data build`)")
+@click.option("--split", default="test", show_default=True)
+@click.option("--images", type=click.Path(file_okay=False), help="instead of --data: probe a folder of images")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder, e.g. runs/base-7b")
+@click.option("--catalog", default="data/entities.json", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--baseline", type=click.Path(file_okay=False), help="the base model's run folder: adds control retention")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="items generated together")
+@click.option("--max-tokens", type=int, default=48, show_default=True)
+@click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
+@click.option("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS, show_default=True)
+@click.option("--models-dir", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="discard a run in --out made with other settings")
+def eval_command(model, adapter, data, split, images, out, catalog, baseline, batch_size, max_tokens,
+                 max_pixels, min_pixels, models_dir, force):
+    """Ask the fixed probe set about every held-out image; write predictions and metrics."""
+    from .evaluate import evaluate
+
+    metrics = evaluate(model, out, data=data, images=images, split=split, adapter=adapter,
+                       catalog_path=catalog, baseline=baseline, batch_size=batch_size,
+                       max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
+                       force=force, models_root=models_dir)
+    click.echo(f"predictions and metrics written to {out}")
+    return metrics
+
+
+def _add_compare_command():
+    from .report import command
+
+    main.add_command(command)
+
+
+_add_compare_command()
+
+
 @main.group()
 def data():
     """The entity catalog, images, captions and datasets (add, check, collect, caption, build)."""

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 # huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, when first imported: set them first.
@@ -24,7 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mlx_cultvlm.generate import stream_answer
+from mlx_cultvlm.lora import load_config, train
 from mlx_cultvlm.tiny import build_tiny_qwen
+from synthetic import QUESTION, make_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -89,3 +93,39 @@ def lay_out_hf_cache(src: Path, hf_home: Path, repo_id: str, commit: str = "a" *
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+# ---- a trained adapter on synthetic entities (shared by the LoRA, eval and report tests)
+
+PIXELS = 112 * 112  # 16 image tokens per picture
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    items = make_dataset(root, {"train": 8, "valid": 2, "test": 4})
+    return root, items
+
+
+def config(model, data, out, **overrides):
+    options = dict(model=str(model), data=str(data), out=str(out), max_pixels=PIXELS, rank=8,
+                   alpha=16, dropout=0.0, learning_rate=1e-3, warmup_steps=5, batch_size=4,
+                   targets=TARGETS, val_every=40, save_every=40, steps=160)
+    options.update(overrides)
+    return load_config(None, options)
+
+
+def accuracy(model, processor, items):
+    answers = ["".join(stream_answer(model, processor, path, QUESTION, max_tokens=10, max_pixels=PIXELS))
+               for path, _ in items]
+    return sum(name in answer for (_, name), answer in zip(items, answers)), answers
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_4bit, dataset, tmp_path_factory):
+    root, items = dataset
+    start = time.perf_counter()
+    result = train(config(tiny_4bit, root, tmp_path_factory.mktemp("run") / "adapters"), progress=False)
+    result.seconds = time.perf_counter() - start
+    return result

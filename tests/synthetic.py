@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -15,7 +16,12 @@ ENTITIES = [
     ("Пикачу", "triangle", (220, 30, 30), (250, 250, 200)),
     ("Шапокляк", "ring", (30, 60, 220), (200, 200, 200)),
 ]
+# Their ids in the shipped catalog (data/entities.json), so datasets can be evaluated with it.
+CATALOG_IDS = {"Чебурашка": "cheburashka", "Колобок": "kolobok", "Пикачу": "pikachu", "Шапокляк": "shapoklyak"}
 QUESTION = "Кто это?"
+# Training phrasings: the short one, and the naming questions `cultvlm eval` asks.
+PHRASINGS = [QUESTION, "Кто изображён на картинке? Назови персонажа.",
+             "Who is shown in this picture? Name the character."]
 
 
 def draw(shape: str, colour, background, rng: np.random.Generator, size: int = 112) -> Image.Image:
@@ -35,11 +41,11 @@ def draw(shape: str, colour, background, rng: np.random.Generator, size: int = 1
     return img
 
 
-def sample(image_rel: str, name: str) -> dict:
+def sample(image_rel: str, name: str, sha256: str, question: str = QUESTION) -> dict:
     return {"images": [image_rel],
-            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+            "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
                          {"role": "assistant", "content": f"Это {name}."}],
-            "meta": {"entity": name}}
+            "meta": {"entity": CATALOG_IDS[name], "kind": "naming", "sha256": sha256}}
 
 
 def make_dataset(root: Path, per_entity: dict[str, int], seed: int = 0) -> dict[str, list[tuple[Path, str]]]:
@@ -53,7 +59,8 @@ def make_dataset(root: Path, per_entity: dict[str, int], seed: int = 0) -> dict[
                 rel = f"images/{split}/{k}_{i}.png"
                 (root / rel).parent.mkdir(parents=True, exist_ok=True)
                 draw(shape, colour, background, rng).save(root / rel)
-                rows.append(sample(rel, name))
+                rows.append(sample(rel, name, hashlib.sha256((root / rel).read_bytes()).hexdigest(),
+                                   PHRASINGS[i % len(PHRASINGS)]))
                 items.append((root / rel, name))
         (root / f"{split}.jsonl").write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -10,10 +10,9 @@ from click.testing import CliRunner
 
 from mlx_cultvlm.cli import main
 from mlx_cultvlm.samples import read_jsonl
-from synthetic import ENTITIES, draw
+from synthetic import CATALOG_IDS as IDS, ENTITIES, draw
 
 ROOT = Path(__file__).resolve().parent.parent
-IDS = {"Чебурашка": "cheburashka", "Колобок": "kolobok", "Пикачу": "pikachu", "Шапокляк": "shapoklyak"}
 
 
 def run(*args):

@@ -1,0 +1,128 @@
+"""`cultvlm eval` on the tiny model: batched = one-by-one, base vs tuned, resume, bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import mlx_cultvlm.evaluate as evaluate_module
+from conftest import PIXELS
+from mlx_cultvlm.cli import main
+from mlx_cultvlm.data.catalog import load_catalog
+from mlx_cultvlm.errors import CultvlmError
+from mlx_cultvlm.evaluate import QUESTIONS, evaluate, generate_answers, items_from_dataset
+from mlx_cultvlm.generate import load_model, stream_answer
+
+CATALOG = str(Path(__file__).resolve().parent.parent / "data" / "entities.json")
+
+
+def run_eval(model, out, data, **kw):
+    options = dict(catalog_path=CATALOG, max_tokens=16, max_pixels=PIXELS, progress=False)
+    return evaluate(str(model), out, data=str(data), **(options | kw))
+
+
+def predictions(out):
+    return {p["item_id"]: p for p in map(json.loads, (Path(out) / "predictions.jsonl").read_text().splitlines())}
+
+
+def test_probe_set_is_fixed_and_complete(dataset):
+    root, items = dataset
+    catalog = load_catalog(CATALOG)
+    probe = items_from_dataset(root, "test", catalog)
+    assert len(probe) == len(items["test"]) * len(QUESTIONS)
+    assert probe == items_from_dataset(root, "test", catalog)  # the same items every time
+    no = [p for p in probe if p["kind"] == "verify_no"]
+    assert all(p["asked_about"] != p["entity"] and p["asked_about"] in catalog for p in no)
+    cheb = next(p for p in no if p["entity"] == "cheburashka")
+    assert cheb["asked_about"] == "mickey_mouse" and "Микки Маус" in cheb["prompt"]
+
+
+def test_batched_answers_equal_one_by_one(tiny_4bit, dataset):
+    root, _ = dataset
+    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:10]
+    model, processor = load_model(str(tiny_4bit))  # random weights: long, fragile answers
+    batched = generate_answers(model, processor, probe, 24, 3136, PIXELS)
+    one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24,
+                                        max_pixels=PIXELS)).strip() for p in probe]
+    assert batched == one_by_one
+    assert len(set(batched)) > 1
+
+
+def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
+    root, items = dataset
+    base = run_eval(tiny_4bit, tmp_path / "base", root)
+    tuned = run_eval(tiny_4bit, tmp_path / "tuned", root, adapter=str(trained.out), baseline=str(tmp_path / "base"))
+    assert len(predictions(tmp_path / "tuned")) == len(items["test"]) * len(QUESTIONS)
+    first = predictions(tmp_path / "tuned")
+    line = next(p for p in first.values() if p["kind"] == "naming_ru")
+    assert {"item_id", "prompt", "answer", "named", "yes_no", "correct", "entity"} <= set(line)
+    run = json.loads((tmp_path / "tuned" / "run.json").read_text())
+    assert run["adapter"] == str(trained.out) and run["max_tokens"] == 16 and run["finished_at"]
+    assert json.loads((tmp_path / "tuned" / "metrics.json").read_text()) == tuned
+    # The tuned model names the held-out images it was trained to name (in Russian, the
+    # language it was taught); the random base does not.
+    right = sum(p["correct"] for p in first.values() if p["kind"] == "naming_ru")
+    base_right = sum(p["correct"] for p in predictions(tmp_path / "base").values() if p["kind"] == "naming_ru")
+    print(f"\nnaming_ru on {len(items['test'])} held-out images: base {base_right}, tuned {right}")
+    assert right >= 12 and base_right <= 2
+    assert base and tuned
+
+
+def test_resume_redoes_nothing_finished(tiny_4bit, dataset, tmp_path, monkeypatch):
+    root, _ = dataset
+    run_eval(tiny_4bit, tmp_path / "whole", root, batch_size=8)
+    whole = predictions(tmp_path / "whole")
+    # A run killed after 3 batches, in the middle of writing a line.
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    lines = (cut / "predictions.jsonl").read_text().splitlines(keepends=True)
+    (cut / "predictions.jsonl").write_text("".join(lines[:24]) + lines[24][:30])
+    asked = []
+    real = evaluate_module.generate_answers
+
+    def counting(model, processor, items, *args):
+        asked.extend(i["item_id"] for i in items)
+        return real(model, processor, items, *args)
+
+    monkeypatch.setattr(evaluate_module, "generate_answers", counting)
+    run_eval(tiny_4bit, cut, root, batch_size=8)
+    done_before = {json.loads(x)["item_id"] for x in lines[:24]}
+    assert len(asked) == len(whole) - 24 and not done_before & set(asked)
+    assert predictions(cut) == whole
+
+
+def test_bad_input(tiny_4bit, trained, dataset, tmp_path):
+    root, _ = dataset
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "test.jsonl").write_text("")
+    with pytest.raises(CultvlmError, match="test.jsonl: no samples"):
+        run_eval(tiny_4bit, tmp_path / "r1", empty)
+    stranger = tmp_path / "stranger"
+    shutil.copytree(root, stranger)
+    line = json.loads((stranger / "test.jsonl").read_text().splitlines()[0])
+    line["meta"]["entity"] = "gena_the_crocodile"
+    (stranger / "test.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(CultvlmError, match="test.jsonl:1: entity 'gena_the_crocodile' is not in the catalog"):
+        run_eval(tiny_4bit, tmp_path / "r2", stranger)
+    run_eval(tiny_4bit, tmp_path / "r3", root, max_tokens=4)
+    with pytest.raises(CultvlmError, match="holds a run with other settings.*max_tokens"):
+        run_eval(tiny_4bit, tmp_path / "r3", root, max_tokens=5)
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_4bit), "--out", str(tmp_path / "r4")])
+    assert result.exit_code == 1 and "exactly one of --data" in result.output
+
+
+def test_probe_a_folder_through_the_cli(tiny_4bit, dataset, tmp_path):
+    root, _ = dataset
+    folder = tmp_path / "probe" / "cheburashka"
+    folder.mkdir(parents=True)
+    for p in sorted((root / "images" / "test").glob("0_*.png")):
+        shutil.copy(p, folder / p.name)
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_4bit), "--images", str(tmp_path / "probe"),
+                                       "--out", str(tmp_path / "run"), "--catalog", CATALOG,
+                                       "--max-tokens", "4", "--max-pixels", str(PIXELS)])
+    assert result.exit_code == 0, result.output
+    kinds = {p["kind"] for p in predictions(tmp_path / "run").values()}
+    assert kinds == {"naming_ru", "naming_en"}
