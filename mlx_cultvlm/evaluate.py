@@ -113,7 +113,9 @@ def score(item: dict, answer: str, scorer) -> dict:
         return line
     if item["kind"] == "fact":
         origin = scorer.catalog[item["entity"]].origin
-        phrases = [str(origin[k]) for k in ("work", "author", "studio") if origin.get(k)]
+        # A work titled after the character (Колобок, Винни-Пух) would count naming as a fact.
+        phrases = [str(origin[k]) for k in ("work", "author", "studio")
+                   if origin.get(k) and item["entity"] not in scorer.entities(str(origin[k]))]
         line["correct"] = any(scorer.mentions(answer, p) for p in phrases)
     else:
         line["correct"] = line["named"] == item["entity"]

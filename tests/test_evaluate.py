@@ -69,6 +69,15 @@ def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     assert right >= 12 and base_right <= 2
     assert base and tuned
 
+    # The report of the two runs: a page with its figures, numbers equal to the runs' metrics.
+    result = CliRunner().invoke(main, ["compare", str(tmp_path / "base"), str(tmp_path / "tuned"),
+                                       "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<img" in page and (tmp_path / "report" / "naming_accuracy.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["runs"]["tuned"]["metrics"]["overall"]["naming_ru"]["k"] == right
+
 
 def test_resume_redoes_nothing_finished(tiny_4bit, dataset, tmp_path, monkeypatch):
     root, _ = dataset
