@@ -41,9 +41,10 @@ def write_json(path: Path, obj) -> None:
 # JSON-lines logs (captions, image sources) are appended one line per item, so a crash loses
 # at most the line being written.
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, repair: bool = True) -> list[dict]:
     """The records of a JSON-lines file this project appends to. A crash mid-append can leave
-    a torn last line (no newline): it is cut away, with a note, so the file is valid again.
+    a torn last line (no newline): it is skipped with a note, and with `repair` also cut
+    away so the file is valid again (readers that may run beside a writer pass repair=False).
     Any other bad line is an error naming it."""
     if not path.exists():
         return []
@@ -57,17 +58,18 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:
             whole = False
         if whole:
-            with open(path, "ab") as f:
-                f.write(b"\n")
-            complete = len(data) + 1
+            if repair:
+                with open(path, "ab") as f:
+                    f.write(b"\n")
             data += b"\n"
+            complete = len(data)
         else:
-            click.echo(f"note: {path}: removed a torn last line ({len(tail)} bytes) left by an "
-                       "interrupted run; its item will be redone", err=True)
-    if complete < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(complete)
-            os.fsync(f.fileno())
+            click.echo(f"note: {path}: {'removed' if repair else 'skipped'} a torn last line "
+                       f"({len(tail)} bytes) left by an interrupted run", err=True)
+            if repair:
+                with open(path, "r+b") as f:
+                    f.truncate(complete)
+                    os.fsync(f.fileno())
     records = []
     for number, line in enumerate(data[:complete].decode("utf-8", errors="replace").split("\n"), 1):
         if not line.strip():

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 
 from .data.catalog import load_catalog
 from .errors import CultvlmError
-from .files import partial_folder, replace_folder, write_json
+from .files import partial_folder, read_jsonl, replace_folder, write_json
 from .metrics import KINDS, NONE, ROLES, compute_metrics, paired, unique_items
 
 ALPHA = 0.05
@@ -47,28 +47,6 @@ MACRO_KEYS = ("naming", "fact", "verify", "weighted", "all")
 
 # --- reading run folders -----------------------------------------------------------------
 
-def read_records(path: Path) -> list[dict]:
-    """A JSON-lines file, read-only. An unparsable last line without a newline is the line a
-    running or interrupted writer left half-done: it is skipped, with a note."""
-    data = path.read_bytes().decode("utf-8", errors="replace")
-    lines = data.split("\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if number == len(lines):  # no newline after it: torn
-                click.echo(f"note: {path}: skipped a torn last line ({len(line)} characters)", err=True)
-                continue
-            raise CultvlmError(f"{path}:{number}: not a JSON object; fix or delete that line")
-        records.append(record)
-    return records
-
-
 def load_run(folder: Path) -> dict:
     info_path, predictions_path = folder / "run.json", folder / "predictions.jsonl"
     if not info_path.is_file() or not predictions_path.is_file():
@@ -80,7 +58,7 @@ def load_run(folder: Path) -> dict:
     except ValueError as e:
         raise CultvlmError(f"{folder}: run.json or metrics.json is not valid JSON ({e})") from None
     try:
-        items, _ = unique_items(read_records(predictions_path))
+        items, _ = unique_items(read_jsonl(predictions_path, repair=False))
     except CultvlmError as e:
         if e.message.startswith(str(predictions_path)):
             raise
@@ -96,7 +74,7 @@ def _train_log(run: dict) -> list[dict]:
         return []
     for folder in (Path(adapter), run["dir"] / adapter):  # as given (cwd), or beside the run
         if (folder / "train_log.jsonl").is_file():
-            return [r for r in read_records(folder / "train_log.jsonl") if "step" in r]
+            return [r for r in read_jsonl(folder / "train_log.jsonl", repair=False) if "step" in r]
     return []
 
 

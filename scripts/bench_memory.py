@@ -116,7 +116,8 @@ def analytic(size: str, checkpoint: bool, scale_bytes: int) -> dict:
     h, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
     kv = h // config["num_attention_heads"] * config["num_key_value_heads"]
     seq = SEQ_TEXT + (IMAGE_SIDE // 28) ** 2
-    lora = layers * 16 * (4 * h + 2 * kv + h + h + 3 * (h + inter) - 2 * kv + 2 * kv)  # A and B of 7 linears
+    # A (in x r) and B (r x out) of q, k, v, o, gate, up, down at rank 16
+    lora = layers * 16 * (9 * h + 2 * kv + 3 * inter)
     lora_bytes = lora * 4 * 4  # weights, gradient, two Adam moments, float32
     # Per layer the backward keeps the inputs of the 7 linears, norms, q/k/v after rope, the
     # attention output and the MLP's gate/up/activation: ~ (10 h + 4 inter) floats per token,
