@@ -78,6 +78,10 @@ def generate(images, model, adapter, prompt, max_tokens, temp, max_pixels, min_p
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option("--compile/--no-compile", "compile_step", default=None, help="mx.compile the language-model step")
 @click.option("--seed", type=int)
+@click.option("--val-every", type=int, help="validation loss every N steps")
+@click.option("--save-every", type=int, help="checkpoint every N steps")
+@click.option("--distributed/--no-distributed", default=None,
+              help="data-parallel over the processes `mlx.launch` starts (one Mac or several)")
 @click.option("--skip-bad-samples/--fail-on-bad-samples", default=None,
               help="skip unreadable samples (counted) instead of failing before training")
 @click.option("--models-dir", type=click.Path(file_okay=False))

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import CultvlmError
-from .files import replace_folder, write_json
+from .files import check_complete, model_folder, write_json
 from .models import PRESETS, TINY_SOURCE, check_model_folder, looks_like_repo_id, models_dir, tiny_hf_dir
 
 # Weights, configs and tokenizer files only: no code (*.py) and no pickles (*.bin, *.pt).
@@ -146,31 +146,30 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
                   "those layers stay unquantized (see cultvlm_convert.json)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # mlx-vlm creates it
     from mlx_vlm.convert import convert as mlx_vlm_convert
 
-    mlx_vlm_convert(str(src_dir), str(partial), quantize=bits is not None, q_bits=bits or 4,
-                    q_group_size=group_size, dtype=dtype, trust_remote_code=False)
-    # mlx-vlm copies every *.py of the source; a converted model needs none, and we never
-    # run remote code.
-    for script in partial.glob("*.py"):
-        script.unlink()
-    n_quantized, left = _unquantized_layers(partial, group_size, bits is not None)
-    record = {
-        "source": source if source != TINY_SOURCE else "tiny (built offline by mlx_cultvlm.tiny)",
-        "source_folder": str(src_dir),
-        "revision": revision or _revision_of(src_dir),
-        "bits": bits,
-        "group_size": group_size if bits else None,
-        "dtype": dtype or config.get("torch_dtype"),
-        "quantized_matrices": n_quantized,
-        "left_unquantized": left,
-        "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-    }
-    write_json(partial / "cultvlm_convert.json", record)
-    replace_folder(partial, out)
+    with model_folder(out, "conversion") as partial:
+        mlx_vlm_convert(str(src_dir), str(partial), quantize=bits is not None, q_bits=bits or 4,
+                        q_group_size=group_size, dtype=dtype, trust_remote_code=False)
+        check_complete(partial)  # before reading the shards back below
+        # mlx-vlm copies every *.py of the source; a converted model needs none, and we never
+        # run remote code.
+        for script in partial.glob("*.py"):
+            script.unlink()
+        n_quantized, left = _unquantized_layers(partial, group_size, bits is not None)
+        record = {
+            "source": source if source != TINY_SOURCE else "tiny (built offline by mlx_cultvlm.tiny)",
+            "source_folder": str(src_dir),
+            "revision": revision or _revision_of(src_dir),
+            "bits": bits,
+            "group_size": group_size if bits else None,
+            "dtype": dtype or config.get("torch_dtype"),
+            "quantized_matrices": n_quantized,
+            "left_unquantized": left,
+            "converted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+        }
+        write_json(partial / "cultvlm_convert.json", record)
     return out
 
 

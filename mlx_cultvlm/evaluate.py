@@ -21,9 +21,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import click
+
 from .data.catalog import Entity, load_catalog
 from .errors import CultvlmError
-from .files import append_jsonl, read_jsonl, write_json
+from .files import NOT_UTF8, append_jsonl, printable, read_jsonl, utf8_name, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
 
 QUESTIONS = {
@@ -88,6 +90,9 @@ def items_from_folder(folder: Path, catalog: dict[str, Entity]) -> list[dict]:
     """A quick probe of a folder: naming questions; the entity is known when the image sits in
     a sub-folder named after a catalog id."""
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    for p in [p for p in paths if not utf8_name(p)]:  # could not be written to predictions.jsonl
+        click.echo(f"note: skipped {printable(p)}: {NOT_UTF8}", err=True)
+        paths.remove(p)
     if not paths:
         raise CultvlmError(f"{folder}: no images")
     return [item for p in paths

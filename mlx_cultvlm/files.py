@@ -2,14 +2,59 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import struct
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from .errors import CultvlmError
+
+
+def printable(path) -> str:
+    """A path as text that prints and fits in UTF-8 JSON: bytes of a file name that are not
+    UTF-8 (a name made on another system) are shown as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path) -> bool:
+    """False for a file name that is not valid UTF-8 (Python holds it with surrogate escapes)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+NOT_UTF8 = "file name is not valid UTF-8; rename it"
+
+
+def incomplete_safetensors(folder: Path) -> list[str]:
+    """The *.safetensors files in `folder` that are shorter than their own header says, as
+    "name (N of M bytes)". MLX's mx.save_safetensors(path, ...) -- which mlx-vlm uses -- does not
+    report a failed write: a full disk leaves such a file and no error. An interrupted download
+    leaves one too."""
+    short = []
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                if 8 + n > size:
+                    short.append(f"{f.name} ({size} of at least {8 + n} bytes)")
+                    continue
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError):
+            short.append(f"{f.name} (not a safetensors file)")
+            continue
+        if size < 8 + n + end:
+            short.append(f"{f.name} ({size} of {8 + n + end} bytes)")
+    return short
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -21,6 +66,34 @@ def replace_folder(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_complete(folder: Path) -> None:
+    """OSError(ENOSPC) if a safetensors file in `folder` is shorter than its header says."""
+    short = incomplete_safetensors(folder)
+    if short:
+        raise OSError(errno.ENOSPC, f"{', '.join(short)} written incompletely (is the disk full?)")
+
+
+@contextmanager
+def model_folder(target: Path, verb: str):
+    """Build a model folder in a hidden `.NAME.partial` sibling (yielded, not yet created) and
+    rename it into place when the block ends. A write error (disk full, quota, read-only) --
+    including the short safetensors files MLX leaves without reporting one -- removes the
+    partial folder and becomes one line; the existing `target` is left as it was."""
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        yield partial
+        check_complete(partial)
+    except OSError as e:
+        if e.errno is None:
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = "the existing folder is unchanged" if target.exists() else "nothing was written"
+        raise CultvlmError(f"{target}: {verb} failed: {e.strerror or e}"
+                           + (f" ({e.filename})" if e.filename else "") + f"; {kept}") from None
+    replace_folder(partial, target)
 
 
 def partial_folder(target: Path) -> Path:

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .errors import CultvlmError
-from .files import partial_folder, replace_folder, write_json
+from .files import model_folder, write_json
 
 # Tokenizer, chat template and processor files to carry over from the base folder.
 SIDE_FILES = ("*.json", "*.txt", "*.jinja")
@@ -51,22 +51,22 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float16"
 
-    partial = partial_folder(out)
-    save_weights(partial, model_obj, donate_weights=True)
-    for pattern in SIDE_FILES:
-        for f in base_dir.glob(pattern):
-            if f.name not in NOT_COPIED:
-                shutil.copy2(f, partial / f.name)
-    save_config(config, config_path=partial / "config.json")
-    write_json(partial / "cultvlm_fuse.json", {
-        "base_model": str(base_dir),
-        "adapter": str(Path(adapter).resolve()),
-        "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")),
-        "fused_layers": len(fused),
-        "dequantized": dequantize,
-        "fused_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    })
-    replace_folder(partial, out)
+    with model_folder(out, "fusing") as partial:
+        partial.mkdir(parents=True)
+        save_weights(partial, model_obj, donate_weights=True)
+        for pattern in SIDE_FILES:
+            for f in base_dir.glob(pattern):
+                if f.name not in NOT_COPIED:
+                    shutil.copy2(f, partial / f.name)
+        save_config(config, config_path=partial / "config.json")
+        write_json(partial / "cultvlm_fuse.json", {
+            "base_model": str(base_dir),
+            "adapter": str(Path(adapter).resolve()),
+            "adapter_config": json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8")),
+            "fused_layers": len(fused),
+            "dequantized": dequantize,
+            "fused_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        })
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import CultvlmError
+from .files import printable
 
 PATCH = 14
 MERGE = 2
@@ -29,13 +30,33 @@ def check_budget(min_pixels: int, max_pixels: int) -> None:
             f"<= max_pixels ({max_pixels}) <= {QWEN_MAX_PIXELS}")
 
 
+# ISO-BMFF brands of still-image formats Pillow has no decoder for (without a plugin).
+UNDECODABLE_BRANDS = {
+    **dict.fromkeys((b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"),
+                    "HEIC/HEIF"),
+    **dict.fromkeys((b"avif", b"avis"), "AVIF"),
+}
+
+
+def unsupported_format(path: Path) -> str | None:
+    """'HEIC/HEIF' or 'AVIF' when the file starts with such an ISO-BMFF 'ftyp' box (an iPhone
+    photo, say), else None."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[4:8] != b"ftyp":
+        return None
+    brands = [head[8:12]] + [head[i:i + 4] for i in range(16, min(len(head), 64) - 3, 4)]
+    return next((UNDECODABLE_BRANDS[b] for b in brands if b in UNDECODABLE_BRANDS), None)
+
+
 def load_image(path: str | Path) -> Image.Image:
     """Decode the whole file (not just the header), apply EXIF rotation, return RGB."""
     path = Path(path)
+    shown = printable(path)  # a name that is not UTF-8 shows as \xNN, and prints anywhere
     if not path.is_file():
-        raise CultvlmError(f"{path}: no such image file")
+        raise CultvlmError(f"{shown}: no such image file")
     if path.stat().st_size == 0:
-        raise CultvlmError(f"{path}: empty file (0 bytes)")
+        raise CultvlmError(f"{shown}: empty file (0 bytes)")
     try:
         with Image.open(path) as img:
             img.load()  # decodes every byte: a truncated file fails here, not later
@@ -54,11 +75,15 @@ def load_image(path: str | Path) -> Image.Image:
             else:
                 img = img.convert("RGB")
     except UnidentifiedImageError:
-        raise CultvlmError(f"{path}: not an image Pillow can read") from None
+        kind = unsupported_format(path)
+        if kind:
+            raise CultvlmError(f"{shown}: {kind} image, which Pillow cannot decode here; "
+                               "convert it to JPEG or PNG") from None
+        raise CultvlmError(f"{shown}: not an image Pillow can read") from None
     except Image.DecompressionBombError as e:
-        raise CultvlmError(f"{path}: refused, too many pixels ({e})") from None
+        raise CultvlmError(f"{shown}: refused, too many pixels ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise CultvlmError(f"{path}: cannot decode image ({e})") from None
+        raise CultvlmError(f"{shown}: cannot decode image ({e})") from None
     return img
 
 

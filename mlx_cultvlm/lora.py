@@ -12,6 +12,7 @@ position is most of a 3B step's time), the image features are merged without hos
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -62,6 +63,7 @@ class LoraConfig:
     max_grad_norm: float = 1.0
     grad_checkpoint: bool = False
     compile: bool = False  # same loss, no speed-up measured on the CPU backend (docs/TRAINING.md)
+    distributed: bool = False  # data-parallel over the ranks `mlx.launch` starts (docs/TRAINING.md)
     seed: int = 0
     # bookkeeping
     val_every: int = 50
@@ -352,15 +354,30 @@ def learning_rate_schedule(cfg: LoraConfig):
 
 # ---------------------------------------------------------------- checkpoints
 
+def save_arrays(path: Path, arrays: dict) -> None:
+    """mx.save_safetensors through a Python file object: given a path, MLX does not report a
+    failed write (a full disk leaves a short file and no error); through a file object the
+    failure is an OSError."""
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, arrays)
+
+
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     """Adapters, optimizer state, step and data position, written to a partial folder and
     renamed into place: a killed run leaves the previous checkpoint or the new one."""
     from .files import partial_folder, replace_folder
 
-    partial = partial_folder(folder)
-    mx.save_safetensors(str(partial / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-    mx.save_safetensors(str(partial / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
-    write_json(partial / "state.json", state)
+    partial = folder.with_name(f".{folder.name}.partial")
+    try:
+        partial = partial_folder(folder)
+        save_arrays(partial / "adapters.safetensors", dict(tree_flatten(model.trainable_parameters())))
+        save_arrays(partial / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
+        write_json(partial / "state.json", state)
+    except OSError as e:  # disk full, quota, read-only: the previous checkpoint is still whole
+        shutil.rmtree(partial, ignore_errors=True)
+        kept = "the previous checkpoint is kept" if folder.exists() else "no checkpoint was kept"
+        raise CultvlmError(f"{folder}: could not save the checkpoint of step {state.get('step')} "
+                           f"({e.strerror or e}); {kept} -- free some space and run again with --resume") from None
     replace_folder(partial, folder)
 
 
@@ -379,6 +396,11 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: LoraConfig) -> dict:
 # ---------------------------------------------------------------- the run
 
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
+    old_checkpoint = out / ".checkpoint.old"
+    if resume and not (out / "checkpoint").exists() and (old_checkpoint / "state.json").is_file():
+        # Killed between the two renames of save_checkpoint's swap: the previous checkpoint,
+        # complete, was moved aside and the new one not yet moved in. Put the previous one back.
+        os.replace(old_checkpoint, out / "checkpoint")
     previous = [p for p in ("checkpoint", "train_log.jsonl", "adapters.safetensors") if (out / p).exists()]
     if previous and not (resume or force):
         raise CultvlmError(f"{out}: holds a previous run ({', '.join(previous)}); pass --resume "
@@ -407,7 +429,13 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
 
     out = Path(cfg.out)
     data = Path(cfg.data)
-    prepare_output(out, resume, force)
+    # Data parallel: every rank holds the whole model and a share of each global batch; rank 0
+    # alone writes the log, checkpoints and adapters.
+    world = mx.distributed.init(strict=True) if cfg.distributed else None
+    lead = world is None or world.rank() == 0
+    say = print if lead else (lambda *args, **kwargs: None)
+    if lead:
+        prepare_output(out, resume, force)
 
     # 1. model
     model_dir = resolve_model(cfg.model, cfg.models_dir)
@@ -420,9 +448,9 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples)
     valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples)
     for problem in bad_train + bad_valid:
-        print(f"skipped: {problem}")
+        say(f"skipped: {problem}")
     shrunk = sum(s.shrunk for s in train_set + valid_set)
-    print(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
+    say(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
           + (f", {len(bad_train) + len(bad_valid)} skipped" if bad_train or bad_valid else "")
           + (f", {shrunk} given fewer pixels to fit max_seq_len {cfg.max_seq_len}" if shrunk else ""))
 
@@ -438,18 +466,21 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
         grad_checkpoint(model.language_model.model.layers[0])  # patches the decoder-layer class
     try:
         return _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
-                           model_dir, resume, stop_after, progress)
+                           model_dir, resume, stop_after, progress and lead, world, say)
     finally:
         layer_class.__call__ = plain_call  # undo the patch: later models in this process run plainly
 
 
 def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys, model_dir,
-                resume, stop_after, progress) -> TrainResult:
+                resume, stop_after, progress, world, say) -> TrainResult:
     from tqdm import tqdm
 
+    rank, ranks = (world.rank(), world.size()) if world else (0, 1)
+    lead = rank == 0
     model.train()
     n_trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    print(f"LoRA: {len(keys)} layers, rank {cfg.rank}, {n_trainable:,} trainable parameters")
+    say(f"LoRA: {len(keys)} layers, rank {cfg.rank}, {n_trainable:,} trainable parameters"
+        + (f"; data parallel over {ranks} processes" if ranks > 1 else ""))
 
     # 4. optimizer
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(cfg), weight_decay=cfg.weight_decay)
@@ -458,20 +489,29 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
 
     step, epoch, position = 0, 0, 0
     log_path = out / "train_log.jsonl"
-    if resume:
+    if resume and lead:
         state = load_checkpoint(out / "checkpoint", model, optimizer, cfg)
         step, epoch, position = state["step"], state["epoch"], state["position"]
         kept = [line for line in log_path.read_text(encoding="utf-8").splitlines()
                 if line.strip() and json.loads(line)["step"] <= step] if log_path.exists() else []
-        log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        print(f"resumed at step {step}")
-    else:
+        # Via a temporary file: a kill mid-rewrite must not leave the log truncated.
+        tmp = log_path.with_name(f".{log_path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, log_path)
+        say(f"resumed at step {step}")
+    elif lead:
         log_path.write_text("", encoding="utf-8")
-    (out / "config.yaml").write_text(_yaml(asdict(cfg) | {"resolved_targets": keys}), encoding="utf-8")
+    if resume and world:  # the other ranks take the checkpoint from rank 0
+        model.update(_from_rank0(model.trainable_parameters(), lead))
+        optimizer.state = _from_rank0(optimizer.state, lead)
+        step, epoch, position = _from_rank0(mx.array([step, epoch, position]), lead).tolist()
+    if lead:
+        (out / "config.yaml").write_text(_yaml(asdict(cfg) | {"resolved_targets": keys}), encoding="utf-8")
 
     # 5. loop
     base = base_identity(model_dir)
-    order = batch_order(len(train_set), cfg.batch_size, cfg.seed, epoch)
+    global_batch = cfg.batch_size * ranks
+    order = batch_order(len(train_set), global_batch, cfg.seed, epoch)
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     steps_this_run = 0
     while step < cfg.steps:
@@ -481,57 +521,87 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         for _ in range(cfg.grad_accum):
             if position >= len(order):
                 epoch, position = epoch + 1, 0
-                order = batch_order(len(train_set), cfg.batch_size, cfg.seed, epoch)
-            batch = make_batch([train_set[i] for i in order[position]], encoder)
+                order = batch_order(len(train_set), global_batch, cfg.seed, epoch)
+            share = order[position][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
             position += 1
-            inputs = step_inputs(model, batch, encoder.image_pad_id)
+            if not share:  # the last batch of an epoch may not reach every rank
+                continue
+            inputs = step_inputs(model, make_batch([train_set[i] for i in share], encoder), encoder.image_pad_id)
             (loss, _), grads = grad_fn(inputs)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(grads_sum, loss)
             loss_sum += loss.item()
             n_targets += inputs.n_targets
             n_tokens += inputs.n_tokens
+        if grads_sum is None:
+            grads_sum = tree_map(mx.zeros_like, model.trainable_parameters())
+        if world:  # sums over ranks, so the step is the mean over every target token of the global batch
+            grads_sum = tree_map(mx.distributed.all_sum, grads_sum)
+            loss_sum, n_targets, n_tokens = mx.distributed.all_sum(
+                mx.array([loss_sum, n_targets, n_tokens], dtype=mx.float32)).tolist()
+            n_targets, n_tokens = int(n_targets), int(n_tokens)
         # The mean over every target token of the accumulated batches, not a mean of means.
         grads = tree_map(lambda g: g / n_targets, grads_sum)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        lr = optimizer.learning_rate.item()
         optimizer.update(model, grads)
         mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        lr = optimizer.learning_rate.item()  # set by update() from the schedule: the rate just used
         step += 1
         steps_this_run += 1
         seconds = time.perf_counter() - start
         entry = {"step": step, "loss": loss_sum / n_targets, "lr": lr, "grad_norm": grad_norm.item(),
                  "target_tokens": n_targets, "tokens": n_tokens, "tokens_per_s": n_tokens / seconds,
                  "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": None}
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            entry["val_loss"] = evaluate_loss(model, valid_set, encoder, cfg.batch_size)
-        with log_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
         bar.update(1)
-        bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}",
-                        peak=f"{entry['peak_memory_gb']:.2f}GB")
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save_checkpoint(out / "checkpoint", model, optimizer,
-                            {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
-                             "rng": "mx.random.seed(seed * 1000003 + step) before each step",
-                             "config": asdict(cfg)})
+        if lead and (step % cfg.val_every == 0 or step == cfg.steps):
+            entry["val_loss"] = evaluate_loss(model, valid_set, encoder, cfg.batch_size)
+        if lead:
+            with log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", tok_s=f"{entry['tokens_per_s']:.0f}",
+                            peak=f"{entry['peak_memory_gb']:.2f}GB")
+        if lead and (step % cfg.save_every == 0 or step == cfg.steps):
+            try:
+                save_checkpoint(out / "checkpoint", model, optimizer,
+                                {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+                                 "rng": "mx.random.seed(seed * 1000003 + step) before each step",
+                                 "config": asdict(cfg)})
+            except CultvlmError:
+                bar.close()  # ends the progress line: the error gets a line of its own
+                raise
         if stop_after is not None and steps_this_run >= stop_after:
             bar.close()
             return TrainResult(out, model, processor, encoder)
     bar.close()
 
     # 6. save
-    _save_adapters(out, model, adapter_config(cfg, keys, base))
-    _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
-    print(f"adapters written to {out}")
+    if lead:
+        _save_adapters(out, model, adapter_config(cfg, keys, base))
+        _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
+        say(f"adapters written to {out}")
     return TrainResult(out, model, processor, encoder)
+
+
+def _from_rank0(tree, lead: bool):
+    """Rank 0's values on every rank (a sum in which the other ranks add zeros). The arrays go
+    in order of their names: rank 0's tree was read from a checkpoint, the others' built in
+    place, and the collectives of all ranks must pair up."""
+    if isinstance(tree, mx.array):
+        return mx.distributed.all_sum(tree if lead else mx.zeros_like(tree))
+    pairs = sorted(tree_flatten(tree), key=lambda kv: kv[0])
+    return tree_unflatten([(k, mx.distributed.all_sum(v if lead else mx.zeros_like(v))) for k, v in pairs])
 
 
 def _save_adapters(out: Path, model, config: dict) -> None:
     tmp = out / ".adapters.partial.safetensors"
-    mx.save_safetensors(str(tmp), dict(tree_flatten(model.trainable_parameters())))
-    tmp.replace(out / "adapters.safetensors")
-    write_json(out / "adapter_config.json", config)
+    try:
+        save_arrays(tmp, dict(tree_flatten(model.trainable_parameters())))
+        tmp.replace(out / "adapters.safetensors")
+        write_json(out / "adapter_config.json", config)
+    except OSError as e:  # disk full, quota, read-only
+        tmp.unlink(missing_ok=True)
+        raise CultvlmError(f"{out}: could not save the adapters ({e.strerror or e}); the last checkpoint "
+                           f"is in {out / 'checkpoint'} -- free some space and run again with --resume") from None
 
 
 def _yaml(obj: dict) -> str:

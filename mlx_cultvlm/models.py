@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CultvlmError
+from .files import incomplete_safetensors
 
 TINY_SOURCE = "tiny"  # built offline by mlx_cultvlm.tiny instead of downloaded
 
@@ -97,6 +98,10 @@ def check_model_folder(folder: Path) -> dict:
                 raise CultvlmError(f"{folder / shard}: safetensors shard listed in {index.name} is missing")
     elif not list(folder.glob("*.safetensors")):
         raise CultvlmError(f"{folder}: no *.safetensors weights (only safetensors are loaded)")
+    short = incomplete_safetensors(folder)  # headers only: cheap
+    if short:
+        raise CultvlmError(f"{folder}: incomplete weights {', '.join(short)} -- an interrupted download or "
+                           "copy? Fetch them again")
     return config
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 
 from ..errors import CultvlmError
+from ..files import NOT_UTF8, printable, utf8_name
 from .catalog import LANGS, ROLES, Entity, _entity, load_catalog, save_catalog
 from .check import SIDECAR_FILES, decode_strictly, sha256_of
 
@@ -87,6 +88,9 @@ def copy_images(source: Path, dest: Path, report: AddReport) -> None:
     present = {sha256_of(p) for p in (dest.iterdir() if dest.is_dir() else [])
                if p.is_file() and p.name not in SIDECAR_FILES}
     for path in files:
+        if not utf8_name(path.relative_to(source)):
+            report.rejected.append((path, NOT_UTF8))
+            continue
         try:
             decode_strictly(path)
         except CultvlmError as e:
@@ -168,7 +172,7 @@ def command(entity_id, names_ru, names_en, source, role, catalog_path, images_ro
         if report.rejected:
             click.echo(f"skipped {len(report.rejected)} file(s) that are not readable images:")
             for path, why in report.rejected:
-                click.echo(f"  {path}: {why}")
+                click.echo(f"  {printable(path)}: {why}")
     entity = report.entity
     click.echo(f"{catalog_path}: {'added' if report.created else 'updated'} {entity_id} "
                f"({entity.role}; {' / '.join(entity.all_names())})")

@@ -31,7 +31,7 @@ import click
 import httpx
 
 from ..errors import CultvlmError
-from ..files import append_jsonl, read_jsonl
+from ..files import NOT_UTF8, append_jsonl, printable, read_jsonl, utf8_name
 from ..images import load_image
 from .catalog import LANGS, Entity, load_catalog
 
@@ -256,7 +256,8 @@ class GigaChatCaptioner:
             except (ValidationError, ValueError) as e:
                 raise CultvlmError(f"GigaChat {what}: unexpected answer ({type(e).__name__})") from None
             if attempt == self.retries:
-                raise CultvlmError(f"GigaChat {what}: gave up after {attempt + 1} tries (last: {problem})")
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                raise CultvlmError(f"GigaChat {what}: gave up after {tries} (last: {problem})")
             wait = min(wait, MAX_WAIT)
             click.echo(f"note: GigaChat {what}: {problem}; retrying in {wait:.1f}s", err=True)
             time.sleep(wait)
@@ -315,6 +316,10 @@ def caption_images(images_root: str | Path, catalog_path: str | Path, captions_p
                  GigaChatCaptioner(environment(), timeout=timeout, retries=retries, retry_delay=retry_delay))
     try:
         for number, item in enumerate(todo, 1):
+            if not utf8_name(item.image):  # could not be written to the captions file
+                click.echo(f"note: skipped {printable(item.path)}: {NOT_UTF8}", err=True)
+                counts["unreadable"] += 1
+                continue
             try:
                 image = load_image(item.path)
             except CultvlmError as e:

@@ -5,7 +5,8 @@ touching a single original.
 Each file gets one status, the first that applies:
 
     unreadable: REASON        Pillow cannot decode it fully (empty, truncated, not an image,
-                              over the decompression-bomb limit, float pixels)
+                              over the decompression-bomb limit, float pixels), or its name is
+                              not valid UTF-8 (shown with \\xNN escapes)
     too_small                 its shorter side is under --min-side
     duplicate_of: PATH        byte-identical (sha256) to an earlier file, in any entity
     near_duplicate_of: PATH   perceptual hash within --near-threshold bits of an earlier file
@@ -33,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import CultvlmError
+from ..files import NOT_UTF8, printable, utf8_name
 from ..images import load_image
 from .catalog import Entity, load_catalog
 
@@ -197,6 +199,10 @@ def check_images(images_root: str | Path, catalog: dict[str, Entity], min_side: 
             rel = path.relative_to(images_root)
             if (not path.is_file() or any(part.startswith(".") for part in rel.parts)
                     or path.name in SIDECAR_FILES):
+                continue
+            if not utf8_name(rel):  # it could not be written to the manifest or a dataset line
+                records.append(ImageRecord(printable(rel.as_posix()), folder.name, sha256_of(path),
+                                           status=f"unreadable: {NOT_UTF8}"))
                 continue
             records.append(inspect_image(path, rel.as_posix(), folder.name, min_side))
     mark_duplicates(records)

@@ -149,7 +149,8 @@ class Commons:
             finally:
                 self._last_request = time.monotonic()
             if attempt == self.retries:
-                raise CultvlmError(f"{url}: gave up after {attempt + 1} tries (last: {problem})")
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                raise CultvlmError(f"{url}: gave up after {tries} (last: {problem})")
             if wait > MAX_WAIT:
                 raise CultvlmError(f"{url}: {problem}, and asked to wait {wait:.0f}s; try again later")
             click.echo(f"note: {problem} from {urlsplit(url).netloc}; retrying in {wait:.1f}s", err=True)
