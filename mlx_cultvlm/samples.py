@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CultvlmError
-from .images import FACTOR, grid_size, load_image, num_image_tokens, resize_exactly
+from .images import FACTOR, PATCH, grid_size, load_image, num_image_tokens, resize_exactly
 
 IMAGE_PAD = "<|image_pad|>"
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
@@ -37,6 +37,10 @@ class Sample:
     input_ids: np.ndarray  # int32 [L], image pads expanded
     loss_mask: np.ndarray  # bool [L]: True where the token is an assistant token to predict
     shrunk: bool = False
+
+    @property
+    def images(self) -> list[tuple[Path, int, int]]:
+        return [(path, h, w) for path, (h, w) in zip(self.image_paths, self.image_sizes)]
 
 
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -207,24 +211,34 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def make_batch(samples: list[Sample], encoder: SampleEncoder, pad_to_multiple: int = 32) -> Batch:
+def make_batch(samples: list[Sample], encoder: SampleEncoder, pad_to_multiple: int = 32,
+               pixels: bool = True) -> Batch:
     """Right-pad to a common length (rounded up, so compiled steps see few distinct shapes)
-    and preprocess every image at the size its sample was encoded with."""
+    and preprocess every image at the size its sample was encoded with. `pixels=False` skips
+    the images (their grid still comes from the sizes): for features taken from a cache."""
     length = max(len(s.input_ids) for s in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
     ids = np.full((len(samples), length), encoder.pad_id, dtype=np.int32)
     attention = np.zeros((len(samples), length), dtype=np.int32)
     mask = np.zeros((len(samples), length), dtype=bool)
-    images = []
+    sizes = []
     for row, s in enumerate(samples):
         ids[row, : len(s.input_ids)] = s.input_ids
         attention[row, : len(s.input_ids)] = 1
         mask[row, : len(s.loss_mask)] = s.loss_mask
-        for path, (h, w) in zip(s.image_paths, s.image_sizes):
-            images.append(resize_exactly(load_image(path), h, w))
-    if not images:
+        sizes += s.images
+    if not sizes:
         return Batch(ids, attention, mask, None, None)
-    processed = encoder.processor.image_processor(images=images)
-    grid = np.asarray(processed["image_grid_thw"])
+    if not pixels:
+        grid = np.array([[1, h // PATCH, w // PATCH] for _, h, w in sizes])
+        return Batch(ids, attention, mask, None, grid)
+    pixel_values, grid = preprocess(encoder, sizes)
     assert int((grid.prod(axis=1) // 4).sum()) == int((ids == encoder.image_pad_id).sum())
-    return Batch(ids, attention, mask, np.asarray(processed["pixel_values"], dtype=np.float32), grid)
+    return Batch(ids, attention, mask, pixel_values, grid)
+
+
+def preprocess(encoder: SampleEncoder, images: list[tuple[Path, int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(pixel_values, image_grid_thw) for images given as (path, height, width)."""
+    processed = encoder.processor.image_processor(
+        images=[resize_exactly(load_image(path), h, w) for path, h, w in images])
+    return np.asarray(processed["pixel_values"], dtype=np.float32), np.asarray(processed["image_grid_thw"])

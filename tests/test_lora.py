@@ -331,3 +331,22 @@ def test_tampered_adapter_is_refused_naming_what_differs(trained, tiny_4bit, tmp
     mx.save_safetensors(str(bad / "adapters.safetensors"), weights)
     with pytest.raises(CultvlmError, match=r"does not fit this model: .*q_proj.lora_a: shape \(64, 4\) != \(64, 8\)"):
         load_model(str(tiny_4bit), str(bad))
+
+
+def test_feature_cache_gives_the_uncached_losses(tiny_4bit, dataset, tmp_path):
+    """Frozen vision: features computed once and reused over 2+ epochs train exactly like
+    features recomputed every step (to float tolerance), adapters included."""
+    root, _ = dataset
+    n_train = len((root / "train.jsonl").read_text().splitlines())
+    opts = dict(steps=-(-n_train // 4) * 2 + 1, batch_size=4, val_every=5, save_every=1000)  # > 2 epochs
+    cached = train(config(tiny_4bit, root, tmp_path / "cached", **opts), progress=False)
+    plain = train(config(tiny_4bit, root, tmp_path / "plain", feature_cache=False, **opts), progress=False)
+
+    def log(out):
+        return [(e["loss"], e["val_loss"] or 0.0) for e in
+                map(json.loads, (out / "train_log.jsonl").read_text().splitlines())]
+
+    np.testing.assert_allclose(np.array(log(cached.out)), np.array(log(plain.out)), rtol=1e-4, atol=1e-5)
+    a, b = mx.load(str(cached.out / "adapters.safetensors")), mx.load(str(plain.out / "adapters.safetensors"))
+    for key in a:
+        np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), atol=1e-4)
