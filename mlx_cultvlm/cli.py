@@ -139,13 +139,15 @@ def eval_command(model, adapter, data, split, images, out, catalog, baseline, ba
     return metrics
 
 
-def _add_compare_command():
-    from .report import command
+def _add_commands():
+    from .doctor import doctor_command
+    from .report import command as compare_command
 
-    main.add_command(command)
+    for command in (compare_command, doctor_command):
+        main.add_command(command)
 
 
-_add_compare_command()
+_add_commands()
 
 
 @main.group()
