@@ -87,13 +87,15 @@ def generate(images, model, adapter, prompt, max_tokens, temp, max_pixels, min_p
 @click.option("--models-dir", type=click.Path(file_okay=False))
 @click.option("--resume", is_flag=True, help="continue from the last checkpoint in --out")
 @click.option("--force", is_flag=True, help="delete a previous run in --out and start over")
-def lora(config_file, resume, force, compile_step, **options):
+@click.option("--profile", is_flag=True, help="time each stage of every step (images, vision, forward, backward, "
+                                              "optimizer) and print where the time goes")
+def lora(config_file, resume, force, compile_step, profile, **options):
     """Train LoRA adapters (QLoRA on a quantized base) on a dataset folder."""
     from .lora import load_config, train
 
     options["compile"] = compile_step
     cfg = load_config(config_file, options)
-    train(cfg, resume=resume, force=force)
+    train(cfg, resume=resume, force=force, profile=profile)
 
 
 @main.command()
@@ -140,10 +142,11 @@ def eval_command(model, adapter, data, split, images, out, catalog, baseline, ba
 
 
 def _add_commands():
+    from .demo import command as demo_command
     from .doctor import doctor_command
     from .report import command as compare_command
 
-    for command in (compare_command, doctor_command):
+    for command in (compare_command, demo_command, doctor_command):
         main.add_command(command)
 
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -347,6 +348,60 @@ class FeatureCache:
         return mx.concatenate([self.store[k] for k in keys])
 
 
+class StageTimer:
+    """`cultvlm lora --profile`: wall time per stage of every step. Each stage is evaluated on
+    its own -- the forward pass runs once more to be timed apart from the backward -- so a
+    profiled step is slower than a plain one; the shares are what matters."""
+
+    STAGES = ("images + batch", "vision tower", "LM forward", "LM backward", "optimizer")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.batches = 0
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+    def step(self, model, grad_fn, cache, samples, encoder, vision_trainable: bool):
+        self.batches += 1
+        with self.stage("images + batch"):
+            s = step_inputs(model, make_batch(samples, encoder, pixels=cache is None), encoder.image_pad_id)
+        with self.stage("vision tower"):
+            feats = None
+            if s.grid is not None:
+                feats = cache(samples) if cache else image_features(model, s.pixel_values, s.grid)
+                mx.eval(feats)
+        model.eval()  # no dropout: the timing pass must not draw from the RNG the real step uses
+        start = time.perf_counter()
+        mx.eval(batch_loss(model, s.input_ids, feats, s.gather_index, s.position_ids, s.target_rows,
+                           s.targets, s.weights))
+        forward = time.perf_counter() - start
+        model.train()
+        self.seconds["LM forward"] += forward
+        start = time.perf_counter()
+        # With LoRA on the vision side the tower runs again inside the gradient.
+        (loss, n), grads = grad_fn(s, None if vision_trainable else feats)
+        mx.eval(loss, grads)
+        self.seconds["LM backward"] += max(0.0, time.perf_counter() - start - forward)
+        return s, (loss, n), grads
+
+    def summary(self) -> dict:
+        total = sum(self.seconds.values())
+        return {"batches": self.batches, "seconds": self.seconds,
+                "share": {k: v / total if total else 0.0 for k, v in self.seconds.items()}}
+
+    def report(self) -> str:
+        summary = self.summary()
+        lines = [f"profile over {self.batches} batches (each stage timed apart; see profile.json):"]
+        for name in self.STAGES:
+            per_batch = 1000 * self.seconds[name] / max(1, self.batches)
+            lines.append(f"  {name:<15} {per_batch:9.1f} ms/batch  {100 * summary['share'][name]:5.1f}%")
+        return "\n".join(lines)
+
+
 def evaluate_loss(model, samples: list[Sample], encoder: SampleEncoder, batch_size: int,
                   cache: FeatureCache | None = None) -> float:
     """Mean cross-entropy per target token over `samples` (no dropout)."""
@@ -455,9 +510,9 @@ class TrainResult:
 
 
 def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, profile: bool = False) -> TrainResult:
     """Run (or resume) a LoRA training. `stop_after` ends the run after that many optimizer
-    steps as if it had been killed (for tests)."""
+    steps as if it had been killed (for tests); `profile` times each stage of every step."""
     from .generate import load_model
     from .models import resolve_model
 
@@ -500,13 +555,14 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
         grad_checkpoint(model.language_model.model.layers[0])  # patches the decoder-layer class
     try:
         return _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
-                           model_dir, resume, stop_after, progress and lead, world, say)
+                           model_dir, resume, stop_after, progress and lead, world, say,
+                           StageTimer() if profile else None)
     finally:
         layer_class.__call__ = plain_call  # undo the patch: later models in this process run plainly
 
 
 def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys, model_dir,
-                resume, stop_after, progress, world, say) -> TrainResult:
+                resume, stop_after, progress, world, say, timer: StageTimer | None) -> TrainResult:
     from tqdm import tqdm
 
     rank, ranks = (world.rank(), world.size()) if world else (0, 1)
@@ -562,8 +618,11 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
             if not share:  # the last batch of an epoch may not reach every rank
                 continue
             samples = [train_set[i] for i in share]
-            inputs = step_inputs(model, make_batch(samples, encoder, pixels=cache is None), encoder.image_pad_id)
-            (loss, _), grads = grad_fn(inputs, cache(samples) if cache else None)
+            if timer:
+                inputs, (loss, _), grads = timer.step(model, grad_fn, cache, samples, encoder, cfg.vision != "none")
+            else:
+                inputs = step_inputs(model, make_batch(samples, encoder, pixels=cache is None), encoder.image_pad_id)
+                (loss, _), grads = grad_fn(inputs, cache(samples) if cache else None)
             grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
             mx.eval(grads_sum, loss)
             loss_sum += loss.item()
@@ -579,8 +638,9 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         # The mean over every target token of the accumulated batches, not a mean of means.
         grads = tree_map(lambda g: g / n_targets, grads_sum)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-        optimizer.update(model, grads)
-        mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
+        with timer.stage("optimizer") if timer else nullcontext():
+            optimizer.update(model, grads)
+            mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
         lr = optimizer.learning_rate.item()  # set by update() from the schedule: the rate just used
         step += 1
         steps_this_run += 1
@@ -611,6 +671,9 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
     bar.close()
 
     # 6. save
+    if timer and lead:
+        say(timer.report())
+        write_json(out / "profile.json", timer.summary())
     if lead:
         _save_adapters(out, model, adapter_config(cfg, keys, base))
         _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))

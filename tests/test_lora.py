@@ -350,3 +350,24 @@ def test_feature_cache_gives_the_uncached_losses(tiny_4bit, dataset, tmp_path):
     a, b = mx.load(str(cached.out / "adapters.safetensors")), mx.load(str(plain.out / "adapters.safetensors"))
     for key in a:
         np.testing.assert_allclose(np.array(a[key]), np.array(b[key]), atol=1e-4)
+
+
+def test_profile_times_every_stage_and_trains_the_same(tiny_4bit, dataset, tmp_path):
+    root, _ = dataset
+
+    def run(name, *extra):
+        result = CliRunner().invoke(main, ["lora", "--model", str(tiny_4bit), "--data", str(root), "--steps", "3",
+                                           "--out", str(tmp_path / name), "--batch-size", "2", "--rank", "4",
+                                           "--max-pixels", str(PIXELS), *extra])
+        assert result.exit_code == 0, result.output
+        return result.output, [json.loads(line)["loss"] for line in
+                                (tmp_path / name / "train_log.jsonl").read_text().splitlines()]
+
+    output, profiled = run("profiled", "--profile")
+    profile = json.loads((tmp_path / "profiled" / "profile.json").read_text())
+    assert profile["batches"] == 3
+    assert set(profile["seconds"]) == {"images + batch", "vision tower", "LM forward", "LM backward", "optimizer"}
+    assert all(v > 0 for v in profile["seconds"].values()) and abs(sum(profile["share"].values()) - 1) < 1e-9
+    assert "LM backward" in output and "ms/batch" in output
+    _, plain = run("plain")
+    np.testing.assert_allclose(profiled, plain, rtol=1e-5)
