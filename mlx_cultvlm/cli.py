@@ -144,9 +144,10 @@ def eval_command(model, adapter, data, split, images, out, catalog, baseline, ba
 def _add_commands():
     from .demo import command as demo_command
     from .doctor import doctor_command
+    from .experiment import command as experiment_command
     from .report import command as compare_command
 
-    for command in (compare_command, demo_command, doctor_command):
+    for command in (compare_command, demo_command, doctor_command, experiment_command):
         main.add_command(command)
 
 

@@ -145,8 +145,10 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
              split: str = "test", adapter: str | None = None, catalog_path: str = "data/entities.json",
              baseline: str | None = None, batch_size: int = 8, max_tokens: int = 48,
              min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
-             force: bool = False, models_root: str | None = None, progress: bool = True) -> dict:
-    """Run (or resume) an evaluation; returns the metrics."""
+             force: bool = False, models_root: str | None = None, progress: bool = True,
+             prompt_suffix: dict[str, str] | None = None) -> dict:
+    """Run (or resume) an evaluation; returns the metrics. `prompt_suffix` maps a question kind
+    to text appended to its questions (e.g. the candidate names, for a prompting baseline)."""
     import warnings
 
     from tqdm import tqdm
@@ -161,10 +163,13 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     catalog = load_catalog(catalog_path)
     items = (items_from_dataset(Path(data), split, catalog) if data
              else items_from_folder(Path(images), catalog))
+    for item in items:
+        if prompt_suffix and item["kind"] in prompt_suffix:
+            item["prompt"] = f"{item['prompt']} {prompt_suffix[item['kind']]}"
     out = Path(out)
     run = {"model": model, "adapter": adapter, "dataset": str(data or images), "split": split if data else None,
            "catalog": str(catalog_path), "max_pixels": max_pixels, "min_pixels": min_pixels,
-           "max_tokens": max_tokens, "items": len(items),
+           "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "items": len(items),
            "items_sha256": hashlib.sha256("\n".join(sorted(i["item_id"] for i in items)).encode()).hexdigest()}
     done = _previous_predictions(out, run, force)
     write_json(out / "run.json", run | {"started_at": _now(), "finished_at": None})

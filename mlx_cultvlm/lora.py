@@ -96,6 +96,15 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise CultvlmError(f"{yaml_path or 'options'}: unknown field(s) {', '.join(unknown)}")
+    defaults = LoraConfig()
+    for name, value in values.items():
+        # YAML 1.1 reads 1e-4 (no dot) as a string: take numbers written that way too.
+        kind = type(getattr(defaults, name))
+        if kind in (int, float) and isinstance(value, str):
+            try:
+                values[name] = kind(float(value)) if kind is float else int(value)
+            except ValueError:
+                raise CultvlmError(f"{yaml_path or 'options'}: {name} must be a number, got {value!r}") from None
     cfg = LoraConfig(**values)
     if cfg.rank <= 0:
         raise CultvlmError(f"rank must be a positive integer, got {cfg.rank}")

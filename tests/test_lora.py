@@ -371,3 +371,12 @@ def test_profile_times_every_stage_and_trains_the_same(tiny_4bit, dataset, tmp_p
     assert "LM backward" in output and "ms/batch" in output
     _, plain = run("plain")
     np.testing.assert_allclose(profiled, plain, rtol=1e-5)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "run.yaml").write_text("learning_rate: 1e-4\nsteps: 10\n")  # YAML 1.1: '1e-4' is a string
+    cfg = load_config(str(tmp_path / "run.yaml"), {"data": "x"})
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float) and cfg.steps == 10
+    (tmp_path / "bad.yaml").write_text("learning_rate: fast\n")
+    with pytest.raises(CultvlmError, match="bad.yaml: learning_rate must be a number, got 'fast'"):
+        load_config(str(tmp_path / "bad.yaml"), {"data": "x"})
