@@ -167,7 +167,12 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
         if prompt_suffix and item["kind"] in prompt_suffix:
             item["prompt"] = f"{item['prompt']} {prompt_suffix[item['kind']]}"
     out = Path(out)
-    run = {"model": model, "adapter": adapter, "dataset": str(data or images), "split": split if data else None,
+    from .models import resolve_model
+
+    weights = {"model": _weight_files(resolve_model(model, models_root)),
+               "adapter": _weight_files(Path(adapter)) if adapter else None}
+    run = {"model": model, "adapter": adapter, "weights": weights, "dataset": str(data or images),
+           "split": split if data else None,
            "catalog": str(catalog_path), "max_pixels": max_pixels, "min_pixels": min_pixels,
            "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "items": len(items),
            "items_sha256": hashlib.sha256("\n".join(sorted(i["item_id"] for i in items)).encode()).hexdigest()}
@@ -200,6 +205,13 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     started = json.loads((out / "run.json").read_text(encoding="utf-8"))["started_at"]
     write_json(out / "run.json", run | {"started_at": started, "finished_at": _now()})
     return metrics
+
+
+def _weight_files(folder: Path) -> list:
+    """The weight files the answers come from, by name, size and modification time: a model or
+    adapter retrained into the same folder makes an older run's answers stale (hashing would
+    read gigabytes)."""
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
 
 
 def _previous_predictions(out: Path, run: dict, force: bool) -> set[str]:

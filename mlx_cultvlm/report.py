@@ -207,8 +207,9 @@ def plot_retention(comparisons: list[dict], controls: list[str], path: Path) -> 
 
 def _thumbnail(record: dict, runs: list[dict], path: Path) -> bool:
     image = Path(record["image"])
+    # A relative path is relative to where eval ran (usually here), else to a run's dataset.
     candidates = [image] if image.is_absolute() else [
-        Path(r["info"].get("dataset") or ".") / image for r in runs]
+        image, *(Path(r["info"].get("dataset") or ".") / image for r in runs)]
     for candidate in candidates:
         if candidate.is_file():
             try:

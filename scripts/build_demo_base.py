@@ -40,8 +40,14 @@ sys.path.insert(0, str(ROOT))
 from mlx_cultvlm import characters  # noqa: E402
 from mlx_cultvlm.demo import BASE_IMAGES_SEED, DEMO_SPEC, IMAGE_SIZE, VISION_SEED_OFFSET  # noqa: E402
 
-VISION = dict(steps=2000, batch_size=16, learning_rate=1e-3, warmup=200, min_lr_ratio=0.05,
-              weight_decay=0.01, max_grad_norm=1.0, seed=0)
+# Vision pre-training in phases, each a fresh AdamW + warmup + cosine on new pictures (the seed
+# picks them; seed + 1 draws that phase's held-out pictures) and a fresh classifier head.
+VISION_PHASES = [
+    dict(steps=2000, batch_size=16, learning_rate=1e-3, warmup=200, min_lr_ratio=0.05, weight_decay=0.01,
+         max_grad_norm=1.0, seed=0),
+    dict(steps=2000, batch_size=16, learning_rate=5e-4, warmup=100, min_lr_ratio=0.05, weight_decay=0.01,
+         max_grad_norm=1.0, seed=2),
+]
 
 
 def batched_features(vt, pixels: mx.array, grid_one: mx.array, n: int) -> mx.array:
@@ -80,7 +86,7 @@ def pictures(ids: list[str], image_processor, seed: int, start: int, n: int):
             mx.array(labels))
 
 
-def pretrain_vision(model, processor, log_path: Path, cfg: dict = VISION) -> dict:
+def pretrain_vision(model, processor, log_path: Path, cfg: dict) -> dict:
     ids = [e["id"] for e in characters.DEMO_CATALOG["entities"]]
     vt = model.vision_tower
 
@@ -109,7 +115,7 @@ def pretrain_vision(model, processor, log_path: Path, cfg: dict = VISION) -> dic
         return right / sum(y.shape[0] for _, _, y in held_out)
 
     start = time.perf_counter()
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:
         for step in range(1, cfg["steps"] + 1):
             px, g, y = pictures(ids, processor.image_processor, cfg["seed"], (step - 1) * cfg["batch_size"],
                                 cfg["batch_size"])
@@ -118,7 +124,7 @@ def pretrain_vision(model, processor, log_path: Path, cfg: dict = VISION) -> dic
             optimizer.update(net, grads)
             mx.eval(net.parameters(), optimizer.state, loss)
             if step % 100 == 0 or step == cfg["steps"]:
-                entry = {"step": step, "loss": loss.item(), "held_out_accuracy": accuracy(),
+                entry = {"phase_seed": cfg["seed"], "step": step, "loss": loss.item(), "held_out_accuracy": accuracy(),
                          "held_out_n": 256, "seconds": time.perf_counter() - start}
                 log.write(json.dumps(entry) + "\n")
                 log.flush()
@@ -189,7 +195,9 @@ def weight_hashes(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
 
 
-def build(out: Path, work: Path) -> dict:
+def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase: int = 0) -> dict:
+    """The whole build. `vision_weights` + `from_phase`: continue a build whose vision phases
+    before `from_phase` are done (their tower's weights in that file)."""
     from mlx_cultvlm.convert import convert
     from mlx_cultvlm.files import replace_folder, write_json
     from mlx_cultvlm.generate import load_model
@@ -203,8 +211,15 @@ def build(out: Path, work: Path) -> dict:
     model, processor = load_model(str(float_dir))
     model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
 
-    print("stage 2/3: vision pre-training", flush=True)
-    vision = pretrain_vision(model, processor, work / "vision_log.jsonl")
+    if vision_weights:
+        model.vision_tower.load_weights(str(vision_weights))
+        earlier_log = vision_weights.with_name("vision_log.jsonl")
+        if earlier_log.is_file():
+            shutil.copy2(earlier_log, work / "vision_log.jsonl")
+    for number, phase in enumerate(VISION_PHASES[from_phase:], from_phase + 1):
+        print(f"stage 2/3: vision pre-training, phase {number}/{len(VISION_PHASES)}", flush=True)
+        pretrain_vision(model, processor, work / "vision_log.jsonl", phase)
+    vision = json.loads((work / "vision_log.jsonl").read_text().splitlines()[-1])
     seeing = save_model(model, float_dir, work / "seeing")
     del model
 
@@ -212,7 +227,8 @@ def build(out: Path, work: Path) -> dict:
     base = train_language(seeing, language_data(work / "language"), work)
     shutil.copy2(work / "vision_log.jsonl", base / "vision_log.jsonl")
     shutil.copy2(work / "adapters" / "train_log.jsonl", base / "language_log.jsonl")
-    manifest = {"built_by": "python scripts/build_demo_base.py", "spec": DEMO_SPEC.__dict__, "vision": VISION,
+    manifest = {"built_by": "python scripts/build_demo_base.py", "spec": DEMO_SPEC.__dict__, "vision_phases": VISION_PHASES,
+                "continued_from_phase": from_phase,
                 "language": LANGUAGE, "vision_held_out": vision, "weights_sha256": weight_hashes(base),
                 "blas": {k: os.environ.get(k) for k in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")},
                 "seconds": round(time.perf_counter() - started)}
@@ -227,13 +243,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "data" / "demo_base"))
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--vision-weights", type=Path, help="continue: the tower after the earlier phases")
+    parser.add_argument("--from-phase", type=int, default=0, help="continue: the first phase still to run")
     parser.add_argument("--check", action="store_true",
                         help="rebuild in a temporary folder and compare the weights with --out byte for byte")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp) / "work"
         if not args.check:
-            build(Path(args.out), work)
+            build(Path(args.out), work, args.vision_weights, args.from_phase)
             return
         shipped = json.loads((Path(args.out) / "demo_base.json").read_text())["weights_sha256"]
         rebuilt = build(Path(tmp) / "rebuilt", work)["weights_sha256"]

@@ -430,3 +430,10 @@ def test_credential_and_token_are_never_printed_logged_or_written(catalog, three
             assert secret not in text
         for path in written:
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_captions_default_to_beside_the_images_where_build_looks(catalog, images, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may land in ./data/captions.jsonl of wherever cultvlm runs
+    result = CliRunner().invoke(command, ["--images", str(images), "--catalog", str(catalog), "--provider", "offline"])
+    assert result.exit_code == 0, result.output
+    assert len(lines(images)) == 5 and not (tmp_path / "data").exists()

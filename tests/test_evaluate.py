@@ -135,3 +135,20 @@ def test_probe_a_folder_through_the_cli(tiny_4bit, dataset, tmp_path):
     assert result.exit_code == 0, result.output
     kinds = {p["kind"] for p in predictions(tmp_path / "run").values()}
     assert kinds == {"naming_ru", "naming_en"}
+
+
+def test_an_adapter_retrained_in_place_makes_the_old_answers_stale(tiny_4bit, trained, dataset, tmp_path):
+    root, _ = dataset
+    probe = tmp_path / "probe" / "cheburashka"
+    probe.mkdir(parents=True)
+    shutil.copy(next((root / "images" / "test").glob("0_*.png")), probe)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained.out, adapter)
+    options = dict(images=str(tmp_path / "probe"), adapter=str(adapter), catalog_path=CATALOG, max_tokens=4,
+                   max_pixels=PIXELS, progress=False)
+    evaluate(str(tiny_4bit), tmp_path / "run", **options)
+    evaluate(str(tiny_4bit), tmp_path / "run", **options)  # same weights: resumes, nothing to redo
+    weights = adapter / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes())  # "retrained": rewritten in place
+    with pytest.raises(CultvlmError, match="other settings \\(weights\\)"):
+        evaluate(str(tiny_4bit), tmp_path / "run", **options)

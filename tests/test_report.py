@@ -257,3 +257,14 @@ def test_bad_prediction_names_the_file(runs, tmp_path):
     result = compare(runs["base"], runs["tuned"], "--out", tmp_path / "r")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert f"{predictions}: prediction #2" in result.output and "kind must be one of" in result.output
+
+
+def test_gallery_finds_images_eval_recorded_relative_to_where_it_ran(tmp_path, monkeypatch):
+    from mlx_cultvlm.report import _thumbnail
+
+    (tmp_path / "datasets" / "culture" / "images").mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "datasets" / "culture" / "images" / "a.png")
+    monkeypatch.chdir(tmp_path)  # eval ran here with --data datasets/culture
+    runs = [{"info": {"dataset": "datasets/culture"}}]
+    assert _thumbnail({"image": "datasets/culture/images/a.png"}, runs, tmp_path / "thumb.jpg")
+    assert Image.open(tmp_path / "thumb.jpg").size == (40, 30)

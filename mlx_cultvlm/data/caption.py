@@ -348,8 +348,9 @@ def caption_images(images_root: str | Path, catalog_path: str | Path, captions_p
 @click.option("--images", default="data/images", show_default=True, type=click.Path(file_okay=False),
               help="folder of <entity id>/ image folders")
 @click.option("--catalog", default="data/entities.json", show_default=True, type=click.Path(dir_okay=False))
-@click.option("--captions", default="data/captions.jsonl", show_default=True, type=click.Path(dir_okay=False),
-              help="JSON-lines file the captions are appended to")
+@click.option("--captions", default=None, type=click.Path(dir_okay=False),
+              help="JSON-lines file the captions are appended to [default: captions.jsonl beside the images "
+                   "folder, where `data build` looks]")
 @click.option("--lang", type=click.Choice(list(LANGS)), default="ru", show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="caption at most this many images")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -360,6 +361,8 @@ def caption_images(images_root: str | Path, catalog_path: str | Path, captions_p
               help="first wait before a retry, doubled each time (a 429's Retry-After wins)")
 def command(provider, images, catalog, captions, lang, limit, timeout, retries, retry_delay):
     """Describe every image that has no caption yet, grounded in the entity catalog."""
+    if captions is None:
+        captions = str(Path(os.path.normpath(Path(images) / "..")) / "captions.jsonl")
     counts = caption_images(images, catalog, captions, provider=provider, lang=lang, limit=limit,
                             timeout=timeout, retries=retries, retry_delay=retry_delay)
     summary = f"{counts['new']} new caption(s) in {captions}"
