@@ -145,9 +145,10 @@ def _add_commands():
     from .demo import command as demo_command
     from .doctor import doctor_command
     from .experiment import command as experiment_command
+    from .plan import plan_command
     from .report import command as compare_command
 
-    for command in (compare_command, demo_command, doctor_command, experiment_command):
+    for command in (compare_command, demo_command, doctor_command, experiment_command, plan_command):
         main.add_command(command)
 
 

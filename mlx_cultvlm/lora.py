@@ -316,12 +316,12 @@ def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
         return batch_loss(model, input_ids, feats, gather_index, position_ids, target_rows, targets, weights)
 
     value_and_grad = nn.value_and_grad(model, loss)
-    with_image = without_image = lambda *args: value_and_grad(model, *args)
+    with_image = lambda *args: value_and_grad(model, *args)
+    without_image = lambda ids, *rest: value_and_grad(model, ids, None, None, *rest)
     if use_compile:
         state = [model.state, mx.random.state]
         with_image = mx.compile(with_image, inputs=state, outputs=state)
-        without_image = mx.compile(lambda ids, *rest: value_and_grad(model, ids, None, None, *rest),
-                                   inputs=state, outputs=state)
+        without_image = mx.compile(without_image, inputs=state, outputs=state)
 
     def grad_fn(s: StepInputs, feats: mx.array | None = None):
         if s.grid is None:

@@ -380,3 +380,17 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: fast\n")
     with pytest.raises(CultvlmError, match="bad.yaml: learning_rate must be a number, got 'fast'"):
         load_config(str(tmp_path / "bad.yaml"), {"data": "x"})
+
+
+@pytest.mark.parametrize("use_compile", [False, True])
+def test_a_text_only_batch_trains(tiny_4bit, use_compile):
+    from mlx_cultvlm.lora import make_grad_fn
+    from mlx_cultvlm.samples import Batch
+
+    model, processor = load_model(str(tiny_4bit))
+    ids = np.array(processor.tokenizer.encode("Кто это? Это Чебурашка.")[:12], dtype=np.int32)[None]
+    mask = np.zeros_like(ids, dtype=bool)
+    mask[0, -4:] = True
+    s = step_inputs(model, Batch(ids, np.ones_like(ids), mask, None, None), 0)
+    (loss, n), grads = make_grad_fn(model, vision_trainable=False, use_compile=use_compile)(s)
+    assert n.item() == 4 and np.isfinite(loss.item()) and grads  # the 4 masked tokens
