@@ -45,7 +45,7 @@ from mlx_cultvlm.demo import BASE_IMAGES_SEED, DEMO_SPEC, IMAGE_SIZE, VISION_SEE
 VISION_PHASES = [
     dict(steps=2000, batch_size=16, learning_rate=1e-3, warmup=200, min_lr_ratio=0.05, weight_decay=0.01,
          max_grad_norm=1.0, seed=0),
-    dict(steps=2000, batch_size=16, learning_rate=5e-4, warmup=100, min_lr_ratio=0.05, weight_decay=0.01,
+    dict(steps=1000, batch_size=16, learning_rate=5e-4, warmup=100, min_lr_ratio=0.05, weight_decay=0.01,
          max_grad_norm=1.0, seed=2),
 ]
 
