@@ -25,7 +25,7 @@ process (a clean peak-memory counter):
 Both get the same LoRA (rank, alpha, dropout 0, the seven decoder linears), batch size, AdamW
 with a constant learning rate (cultvlm: no warmup, min_lr_ratio 1, clipping disabled with
 max_grad_norm 1e9, since mlx-vlm's CLI has neither schedule nor clipping), weight decay 0,
-seed 0, and the same number of optimizer steps: `epochs` whole passes over the training set
+the same seed, and the same number of optimizer steps: `epochs` whole passes over the training set
 (the set is a multiple of the batch size, so mlx-vlm, which drops incomplete batches, and
 cultvlm see every sample exactly `epochs` times). Each validates once, at the end.
 
