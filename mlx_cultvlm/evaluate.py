@@ -129,16 +129,15 @@ def score(item: dict, answer: str, scorer) -> dict:
 
 def generate_answers(model, processor, items: list[dict], max_tokens: int, min_pixels: int,
                      max_pixels: int) -> list[str]:
-    """Greedy answers for a batch of items, one image each."""
-    import mlx_vlm
+    """Greedy answers for a batch of items, one image each; each picture is loaded and encoded
+    once however many of its questions the batch holds."""
+    from .generate import batch_answers
 
-    from .generate import only_real_tokens
-
-    images = [fit_to_budget(load_image(item["image"]), min_pixels, max_pixels) for item in items]
-    response = mlx_vlm.batch_generate(model, processor, images=images, prompts=[i["prompt"] for i in items],
-                                      max_tokens=max_tokens,
-                                      logits_processors=[only_real_tokens(len(processor.tokenizer))])
-    return [text.strip() for text in response.texts]
+    pictures = {path: fit_to_budget(load_image(path), min_pixels, max_pixels)
+                for path in dict.fromkeys(item["image"] for item in items)}
+    answers = batch_answers(model, processor, [pictures[i["image"]] for i in items], [i["prompt"] for i in items],
+                            max_tokens)
+    return [text.strip() for text in answers]
 
 
 def evaluate(model: str, out: str | Path, data: str | None = None, images: str | None = None,
@@ -149,8 +148,6 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
              prompt_suffix: dict[str, str] | None = None) -> dict:
     """Run (or resume) an evaluation; returns the metrics. `prompt_suffix` maps a question kind
     to text appended to its questions (e.g. the candidate names, for a prompting baseline)."""
-    import warnings
-
     from tqdm import tqdm
 
     from .generate import load_model
@@ -187,15 +184,13 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
         todo.sort(key=lambda i: (_image_size(i["image"], min_pixels, max_pixels), i["item_id"]))
         bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not progress)
         start = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sharing logits processor")  # ours is stateless
-            for b in range(0, len(todo), batch_size):
-                batch = todo[b:b + batch_size]
-                answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels)
-                for item, answer in zip(batch, answers):
-                    append_jsonl(out / "predictions.jsonl", score(item, answer, scorer))
-                bar.update(len(batch))
-                bar.set_postfix(items_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
+        for b in range(0, len(todo), batch_size):
+            batch = todo[b:b + batch_size]
+            answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels)
+            for item, answer in zip(batch, answers):
+                append_jsonl(out / "predictions.jsonl", score(item, answer, scorer))
+            bar.update(len(batch))
+            bar.set_postfix(items_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
         bar.close()
 
     predictions = read_jsonl(out / "predictions.jsonl")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
+from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image,
+                     num_image_tokens)
 from .models import check_model_folder, resolve_model
 
 DEFAULT_PROMPT = "Кто изображён на картинке?"
+IMAGE_PAD, VISION_END = "<|image_pad|>", "<|vision_end|>"
 
 
 def load_model(model: str, adapter: str | None = None, models_root: str | None = None):
@@ -41,6 +43,113 @@ def only_real_tokens(n_tokens: int):
             return logits
         return mx.where(mx.arange(logits.shape[-1]) >= n_tokens, -mx.inf, logits)
     return process
+
+
+def batch_answers(model, processor, images: list, questions: list[str], max_tokens: int) -> list[str]:
+    """Greedy answers to `questions[i]` about `images[i]` (PIL images already fitted to their
+    pixel budget), generated together. Questions about one picture (the same object in
+    `images`) share its work: the picture goes through the vision tower once, and the prompt up
+    to the end of its image tokens (system turn and image) goes through the language model once;
+    each question continues from a copy of that key/value cache. Rows of different lengths are
+    padded on the left of each part and the padding is masked, so every row computes what it
+    would alone."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx_vlm.models.cache import KVCache
+
+    from .lora import image_features, lm_head
+
+    tok, lm = processor.tokenizer, model.language_model
+    unique = list({id(im): im for im in images}.values())
+    picture = [next(u for u, im in enumerate(unique) if im is image) for image in images]
+    heads, tails = {}, []
+    for image, u, question in zip(images, picture, questions):
+        head, tail = build_prompt(processor, question).split(VISION_END)
+        head = head.replace(IMAGE_PAD, IMAGE_PAD * num_image_tokens(image.height, image.width)) + VISION_END
+        heads.setdefault(u, tok.encode(head, add_special_tokens=False))
+        tails.append(tok.encode(tail, add_special_tokens=False))
+    heads = [heads[u] for u in range(len(unique))]
+
+    def left_padded(rows):
+        width = max(map(len, rows))
+        ids = np.full((len(rows), width), tok.pad_token_id or 0, np.int32)
+        valid = np.zeros((len(rows), width), bool)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):], valid[r, width - len(row):] = row, True
+        return ids, valid
+
+    def attention_mask(keys_before, valid):  # [rows, 1, L, before + L]: causal over valid keys
+        L = valid.shape[1]
+        own = np.tril(np.ones((L, L), bool))[None] & valid[:, None, :] | np.eye(L, dtype=bool)[None]
+        before = np.broadcast_to(keys_before[:, None, :], (len(valid), L, keys_before.shape[1]))
+        return mx.array(np.concatenate([before, own], axis=2)[:, None])
+
+    # 1. Each picture's prefix, once. Image tokens take the vision tower's features, in order.
+    processed = processor.image_processor(images=unique)
+    grid = mx.array(np.asarray(processed["image_grid_thw"]))
+    features = image_features(model, mx.array(np.asarray(processed["pixel_values"], np.float32)), grid)
+    ids, valid_head = left_padded(heads)
+    embeds = lm.model.embed_tokens(mx.array(ids))
+    U, P, D = embeds.shape
+    image_rows = np.nonzero(ids.reshape(-1) == tok.convert_tokens_to_ids(IMAGE_PAD))[0]
+    index = np.arange(U * P)
+    index[image_rows] = U * P + np.arange(len(image_rows))
+    embeds = mx.concatenate([embeds.reshape(U * P, D), features.astype(embeds.dtype)])[mx.array(index)]
+    positions, _ = lm.get_rope_index(mx.array(ids), grid, None, mx.array(valid_head.astype(np.int32)))
+    cache = [KVCache() for _ in lm.model.layers]
+    lm.model(None, inputs_embeds=embeds.reshape(U, P, D), mask=attention_mask(np.zeros((U, 0), bool), valid_head),
+             cache=cache, position_ids=positions)
+    after_image = np.asarray(mx.max(mx.where(mx.array(valid_head)[None], positions, 0), axis=(0, 2))) + 1
+
+    # 2. Every question after a copy of its picture's cache.
+    rows = mx.array(picture)
+    for c in cache:
+        c.keys, c.values = c.keys[rows], c.values[rows]
+    ids, valid_tail = left_padded(tails)
+    B, S = ids.shape
+    lengths = valid_tail.sum(axis=1)
+    steps = np.arange(S)[None] - (S - lengths)[:, None]
+    position = after_image[picture][:, None] + np.maximum(steps, 0)
+    keys = valid_head[picture]
+    h = lm.model(mx.array(ids), mask=attention_mask(keys, valid_tail), cache=cache,
+                 position_ids=mx.array(np.broadcast_to(position[None], (3, B, S))))
+    keys = np.concatenate([keys, valid_tail], axis=1)
+    logits = lm_head(model, h[:, -1])
+
+    # 3. Greedy decoding until every row has ended or used max_tokens.
+    stop = set(np.atleast_1d(model.config.eos_token_id).tolist())
+    real = mx.arange(logits.shape[-1]) < len(tok)  # spare embedding rows decode to nothing
+    answers, ended = [[] for _ in range(B)], np.zeros(B, bool)
+    position = after_image[picture] + lengths
+    for step in range(max_tokens):
+        # The argmax of the log-probabilities in the model's dtype, as the one-by-one path takes
+        # it: rounding there can reorder near-ties, and both paths must pick the same token.
+        logits = mx.where(real, logits, -mx.inf)
+        token = np.asarray(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1))
+        for b in np.nonzero(~ended)[0]:
+            if token[b] in stop:
+                ended[b] = True
+            else:
+                answers[b].append(int(token[b]))
+        if ended.all() or step == max_tokens - 1:
+            break
+        keys = np.concatenate([keys, np.ones((B, 1), bool)], axis=1)
+        h = lm.model(mx.array(token[:, None]), mask=mx.array(keys[:, None, None, :]), cache=cache,
+                     position_ids=mx.array(np.broadcast_to(position[None, :, None], (3, B, 1))))
+        logits = lm_head(model, h[:, -1])
+        position = position + 1
+    return [_detokenize(processor, a) for a in answers]
+
+
+def _detokenize(processor, ids: list[int]) -> str:
+    """Text as the streaming path assembles it (partial UTF-8 bytes included)."""
+    from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
+
+    detokenizer = make_streaming_detokenizer(processor)
+    for token in ids:
+        detokenizer.add_token(token)
+    detokenizer.finalize()
+    return detokenizer.text
 
 
 def stream_answer(model, processor, image_path: str | Path, question: str = DEFAULT_PROMPT,

@@ -14,7 +14,6 @@ import argparse
 import json
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +75,9 @@ def main():
             one_s = time.perf_counter() - start
             start = time.perf_counter()
             batched = []
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Sharing logits processor")
-                for b in range(0, len(items), args.batch_size):
-                    batched += generate_answers(model, processor, items[b:b + args.batch_size], args.max_tokens,
-                                                3136, args.max_pixels)
+            for b in range(0, len(items), args.batch_size):
+                batched += generate_answers(model, processor, items[b:b + args.batch_size], args.max_tokens,
+                                            3136, args.max_pixels)
             batch_s = time.perf_counter() - start
             result[name] = {"one_by_one_items_per_s": len(items) / one_s, "batched_items_per_s": len(items) / batch_s,
                             "speedup": one_s / batch_s, "identical_answers": single == batched,
