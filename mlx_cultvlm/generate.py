@@ -116,26 +116,29 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
     keys = np.concatenate([keys, valid_tail], axis=1)
     logits = lm_head(model, h[:, -1])
 
-    # 3. Greedy decoding until every row has ended or used max_tokens.
+    # 3. Greedy decoding; a row that has ended leaves the batch (its cache rows are dropped).
     stop = set(np.atleast_1d(model.config.eos_token_id).tolist())
     real = mx.arange(logits.shape[-1]) < len(tok)  # spare embedding rows decode to nothing
-    answers, ended = [[] for _ in range(B)], np.zeros(B, bool)
+    answers, alive = [[] for _ in range(B)], np.arange(B)
     position = after_image[picture] + lengths
     for step in range(max_tokens):
         # The argmax of the log-probabilities in the model's dtype, as the one-by-one path takes
         # it: rounding there can reorder near-ties, and both paths must pick the same token.
         logits = mx.where(real, logits, -mx.inf)
         token = np.asarray(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1))
-        for b in np.nonzero(~ended)[0]:
-            if token[b] in stop:
-                ended[b] = True
-            else:
-                answers[b].append(int(token[b]))
-        if ended.all() or step == max_tokens - 1:
+        going = np.array([t not in stop for t in token.tolist()])
+        for row, t in zip(alive[going], token[going]):
+            answers[row].append(int(t))
+        if not going.any() or step == max_tokens - 1:
             break
-        keys = np.concatenate([keys, np.ones((B, 1), bool)], axis=1)
+        if not going.all():
+            kept = mx.array(np.nonzero(going)[0])
+            for c in cache:
+                c.keys, c.values = c.keys[kept], c.values[kept]
+            alive, token, keys, position = alive[going], token[going], keys[going], position[going]
+        keys = np.concatenate([keys, np.ones((len(alive), 1), bool)], axis=1)
         h = lm.model(mx.array(token[:, None]), mask=mx.array(keys[:, None, None, :]), cache=cache,
-                     position_ids=mx.array(np.broadcast_to(position[None, :, None], (3, B, 1))))
+                     position_ids=mx.array(np.broadcast_to(position[None, :, None], (3, len(alive), 1))))
         logits = lm_head(model, h[:, -1])
         position = position + 1
     return [_detokenize(processor, a) for a in answers]

@@ -1,32 +1,44 @@
 """Evaluation speed: the same probe items answered one by one and in batches.
 
-    python scripts/bench_eval.py [--items 32] [--batch-size 16] [--max-tokens 32]
+    python scripts/bench_eval.py [--items 40] [--batch-size 20] [--max-tokens 32] [--save]
 
-Builds the tiny Qwen2.5-VL and a mid-size one (random weights, 4-bit, in a temporary folder),
-asks both the same probe questions about generated pictures, greedily, once through
-`cultvlm generate`'s one-by-one streaming path and once through `cultvlm eval`'s batched path,
-and prints one JSON line: items/s for each, the speedup, and whether every answer is identical.
+Three models, each asked the same probe questions (every question kind the evaluation asks,
+five per picture) greedily, once through `cultvlm generate`'s one-by-one streaming path and once
+through `cultvlm eval`'s batched path:
+
+- `demo_base`: the shipped demo base (data/demo_base, a trained tiny model, float32) on drawn
+  demo characters at the demo's pixel budget -- answers end on their own, as a real model's do;
+- `tiny` and `mid`: random-weight 4-bit models built in a temporary folder, on generated
+  pictures -- their answers never end, so every item runs to --max-tokens (the worst case for
+  batching: decoding dominates and nothing is shared).
+
+Prints one JSON line (and with --save writes docs/bench_eval.json): items/s for each path, the
+speedup, and whether every answer is identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mlx_cultvlm import characters
 from mlx_cultvlm.convert import convert
 from mlx_cultvlm.data.catalog import load_catalog
+from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
 from mlx_cultvlm.evaluate import generate_answers, items_for_image
 from mlx_cultvlm.generate import load_model, stream_answer
 from mlx_cultvlm.tiny import TinySpec, build_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = {
+RANDOM_MODELS = {
     "tiny": TinySpec(),
     "mid": TinySpec(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=704, mrope_section=[8, 12, 12], vision_depth=4, vision_hidden_size=128,
@@ -34,7 +46,7 @@ MODELS = {
 }
 
 
-def pictures(folder: Path, n: int) -> list[Path]:
+def random_pictures(folder: Path, n: int) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
@@ -48,41 +60,60 @@ def pictures(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def probe_items(pictures: list[tuple[Path, str]], catalog, n: int) -> list[dict]:
+    """The evaluation's items for (picture, entity id) pairs, in eval's order, first n."""
+    return [i for k, (path, entity) in enumerate(pictures)
+            for i in items_for_image(str(path), f"{k:064x}", catalog[entity], catalog)][:n]
+
+
+def measure(model_dir: Path, items: list[dict], batch_size: int, max_tokens: int, max_pixels: int) -> dict:
+    model, processor = load_model(str(model_dir))
+    stream_answer(model, processor, items[0]["image"], items[0]["prompt"], max_tokens=4)  # warm up
+    start = time.perf_counter()
+    single = ["".join(stream_answer(model, processor, i["image"], i["prompt"], max_tokens=max_tokens,
+                                    max_pixels=max_pixels)).strip() for i in items]
+    one_s = time.perf_counter() - start
+    start = time.perf_counter()
+    batched = []
+    for b in range(0, len(items), batch_size):
+        batched += generate_answers(model, processor, items[b:b + batch_size], max_tokens, 3136, max_pixels)
+    batch_s = time.perf_counter() - start
+    return {"one_by_one_items_per_s": len(items) / one_s, "batched_items_per_s": len(items) / batch_s,
+            "speedup": one_s / batch_s, "identical_answers": single == batched,
+            "identical_count": sum(a == b for a, b in zip(single, batched)),
+            "mean_answer_chars": float(np.mean([len(a) for a in single])), "example_answer": single[0]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--items", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--max-pixels", type=int, default=224 * 224)
+    parser.add_argument("--save", action="store_true", help="also write docs/bench_eval.json")
     args = parser.parse_args()
-    catalog = load_catalog(ROOT / "data" / "entities.json")
-    entity = catalog["cheburashka"]
-    result = {"items": args.items, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
-              "max_pixels": args.max_pixels}
+    result = {"bench": "eval", "items": args.items, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
+              "machine": {"platform": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device())}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        images = pictures(tmp, args.items)
-        items = [i for n, p in enumerate(images)
-                 for i in items_for_image(str(p), f"{n:064x}", entity, catalog)][: args.items]
-        for name, spec in MODELS.items():
+        demo_catalog = tmp / "demo_catalog.json"
+        demo_catalog.write_text(json.dumps(characters.DEMO_CATALOG, ensure_ascii=False), encoding="utf-8")
+        drawn = characters.write_images(tmp / "drawn", per_entity=2, seed=12345, size=IMAGE_SIZE)
+        pictures = [(p, entity) for entity, paths in drawn.items() for p in paths]
+        items = probe_items(pictures, load_catalog(demo_catalog), args.items)
+        result["demo_base"] = measure(BASE_DIR, items, args.batch_size, args.max_tokens, IMAGE_SIZE ** 2) | {
+            "max_pixels": IMAGE_SIZE ** 2}
+
+        catalog = load_catalog(ROOT / "data" / "entities.json")
+        items = probe_items([(p, "cheburashka") for p in random_pictures(tmp, args.items)], catalog, args.items)
+        for name, spec in RANDOM_MODELS.items():
             hf = build_tiny_qwen(tmp / f"{name}-hf", spec)
             model_dir = convert("tiny-4bit", hf_path=str(hf), out=tmp / f"{name}-4bit")
-            model, processor = load_model(str(model_dir))
-            stream_answer(model, processor, items[0]["image"], items[0]["prompt"], max_tokens=4)  # warm up
-            start = time.perf_counter()
-            single = ["".join(stream_answer(model, processor, i["image"], i["prompt"], max_tokens=args.max_tokens,
-                                            max_pixels=args.max_pixels)).strip() for i in items]
-            one_s = time.perf_counter() - start
-            start = time.perf_counter()
-            batched = []
-            for b in range(0, len(items), args.batch_size):
-                batched += generate_answers(model, processor, items[b:b + args.batch_size], args.max_tokens,
-                                            3136, args.max_pixels)
-            batch_s = time.perf_counter() - start
-            result[name] = {"one_by_one_items_per_s": len(items) / one_s, "batched_items_per_s": len(items) / batch_s,
-                            "speedup": one_s / batch_s, "identical_answers": single == batched,
-                            "identical_count": sum(a == b for a, b in zip(single, batched))}
-    print(json.dumps(result))
+            result[name] = measure(model_dir, items, args.batch_size, args.max_tokens, 224 * 224) | {
+                "max_pixels": 224 * 224}
+    line = json.dumps(result, ensure_ascii=False)
+    print(line)
+    if args.save:
+        (ROOT / "docs" / "bench_eval.json").write_text(line + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,35 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset):
     assert len(set(batched)) > 1
 
 
+def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_path, monkeypatch):
+    """Every question about four drawn characters, asked the shipped demo base in one batch: the
+    vision tower sees each picture once, rows whose answers end early leave the batch, and every
+    answer equals the one-by-one path's."""
+    import mlx_cultvlm.lora as lora_module
+    from mlx_cultvlm import characters
+    from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
+    from mlx_cultvlm.evaluate import items_for_image
+
+    (tmp_path / "catalog.json").write_text(json.dumps(characters.DEMO_CATALOG), encoding="utf-8")
+    catalog = load_catalog(tmp_path / "catalog.json")
+    drawn = characters.write_images(tmp_path, ids=["mickey_mouse", "pikachu", "kolobok", "shapoklyak"],
+                                    per_entity=1, seed=3, size=IMAGE_SIZE)
+    probe = [i for k, (entity, paths) in enumerate(drawn.items())
+             for i in items_for_image(str(paths[0]), f"{k:064x}", catalog[entity], catalog)]
+    model, processor = load_model(str(BASE_DIR))
+    encoded = []
+    real_features = lora_module.image_features
+    monkeypatch.setattr(lora_module, "image_features",
+                        lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
+    batched = generate_answers(model, processor, probe, 24, 3136, IMAGE_SIZE ** 2)
+    assert encoded == [4] and len(probe) > 4
+    one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24,
+                                        max_pixels=IMAGE_SIZE ** 2)).strip() for p in probe]
+    assert batched == one_by_one
+    lengths = [len(processor.tokenizer.encode(a, add_special_tokens=False)) for a in one_by_one]
+    assert min(lengths) < max(lengths) < 24  # rows ended, at different steps
+
+
 def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     root, items = dataset
     base = run_eval(tiny_4bit, tmp_path / "base", root)
