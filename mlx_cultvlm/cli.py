@@ -122,7 +122,8 @@ def fuse(model, adapter, out, dequantize, models_dir, force):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="run folder, e.g. runs/base-7b")
 @click.option("--catalog", default="data/entities.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(file_okay=False), help="the base model's run folder: adds control retention")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="items generated together")
+@click.option("--batch-size", type=int, default=20, show_default=True,
+              help="items generated together (a picture's five questions share its encoding)")
 @click.option("--max-tokens", type=int, default=48, show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS, show_default=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -28,9 +29,13 @@ IMAGE_SIZE = 168  # px: 12x12 patches, 36 image tokens per picture
 DEMO_SPEC = TinySpec(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256,
                      mrope_section=[4, 6, 6], vision_depth=4, vision_hidden_size=128, vision_heads=2,
                      vision_intermediate_size=256, fullatt_block_indexes=[3], window_size=IMAGE_SIZE)
+# The larger base of experiments/tiny-offline.yaml (the stand-in for 7B next to the demo base's
+# 3B): the same vision tower, a language model with twice the layers and twice the MLP width.
+LARGE_SPEC = replace(DEMO_SPEC, num_hidden_layers=4, intermediate_size=512)
 VISION_SEED_OFFSET = 7919  # pictures for vision pre-training come from seeds the demo data never uses
 BASE_IMAGES_SEED = 7920  # the base's language stage draws its pictures from this seed
 BASE_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_base"
+LARGE_BASE_DIR = BASE_DIR.with_name("demo_base_large")
 
 # Pictures per character in the demo's own data set (split by `data build` into train/valid/test).
 PICTURES = {"target": 40, "control": 40}
@@ -95,14 +100,14 @@ def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: 
         (out / "dataset" / "test.jsonl", ["data", "build", "--out", data, "--images", str(images), *common,
                                           "--captions", str(out / "captions.jsonl"), "--seed", str(seed)]),
         (runs / "base" / "metrics.json", ["eval", "--model", base, "--data", data, "--out", str(runs / "base"),
-                                          *common, "--max-pixels", str(IMAGE_SIZE ** 2), "--batch-size", "16"]),
+                                          *common, "--max-pixels", str(IMAGE_SIZE ** 2), "--batch-size", "20"]),
         (out / "adapters" / "adapters.safetensors", ["lora", "--config", str(lora_yaml), "--model", base,
                                                      "--data", data, "--out", str(out / "adapters"), "--force"]),
         (out / "tuned" / "config.json", ["fuse", "--model", base, "--adapter", str(out / "adapters"),
                                          "--out", str(out / "tuned"), "--force"]),
         (runs / "tuned" / "metrics.json", ["eval", "--model", str(out / "tuned"), "--data", data,
                                            "--out", str(runs / "tuned"), *common, "--baseline", str(runs / "base"),
-                                           "--max-pixels", str(IMAGE_SIZE ** 2), "--batch-size", "16"]),
+                                           "--max-pixels", str(IMAGE_SIZE ** 2), "--batch-size", "20"]),
         (out / "report" / "report.html", ["compare", str(runs / "base"), str(runs / "tuned"),
                                           "--out", str(out / "report"), *common]),
     ]

@@ -8,8 +8,8 @@ Every image gets the same probe set, so base and tuned models answer exactly the
     verify_no              "Is this <a look-alike>?"        right if the answer is no
 
 Decoding is greedy, with a pinned pixel budget and a fixed max-token count (recorded in run.json).
-Answers are generated in batches (mlx-vlm's batch generation: left padding, several images per
-forward) and appended to predictions.jsonl as each batch finishes, so a killed run resumes
+Answers are generated in batches (`generate.batch_answers`: each picture encoded once for all
+its questions, left padding) and appended to predictions.jsonl as each batch finishes, so a killed run resumes
 without redoing finished items.
 """
 
@@ -142,7 +142,7 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
 
 def evaluate(model: str, out: str | Path, data: str | None = None, images: str | None = None,
              split: str = "test", adapter: str | None = None, catalog_path: str = "data/entities.json",
-             baseline: str | None = None, batch_size: int = 8, max_tokens: int = 48,
+             baseline: str | None = None, batch_size: int = 20, max_tokens: int = 48,
              min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
              force: bool = False, models_root: str | None = None, progress: bool = True,
              prompt_suffix: dict[str, str] | None = None) -> dict:

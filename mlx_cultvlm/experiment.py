@@ -9,7 +9,7 @@ command's):
     data: datasets/culture              # a `cultvlm data build` folder: train/valid/test.jsonl
     catalog: data/entities.json
     models_dir: null                    # where converted models live (--models-dir wins)
-    eval: {split: test, max_pixels: 200704, min_pixels: 3136, max_tokens: 48, batch_size: 8}
+    eval: {split: test, max_pixels: 200704, min_pixels: 3136, max_tokens: 48, batch_size: 20}
     defaults:                           # any `cultvlm lora` option, plus mix, for every variant
       model: 3b-4bit
       rank: 16
@@ -36,8 +36,8 @@ and the images are the dataset's own, untouched, so every run is scored on the s
 `prompt: candidates` (a baseline only) appends the names of every entity in the dataset, in
 catalog order, to the naming and fact questions ("Possible answers: ..."): what the base model
 does when it only has to pick a name. One reference picture per entity in the prompt is not
-implemented: evaluate asks about one image per item (mlx-vlm's batch generation takes one image
-per prompt), and multi-image items would need a new item type, prompt builder and pixel budget.
+implemented: evaluate asks about one image per item (`generate.batch_answers` shares one
+picture's prefix among its questions), and multi-image items would need a new item type, prompt builder and pixel budget.
 
 The series folder:
 
@@ -79,7 +79,7 @@ PROMPTS = ("plain", "candidates")
 SERIES_KEYS = ("name", "description", "data", "catalog", "models_dir", "eval", "defaults", "seeds",
                "baselines", "variants")
 EVAL_DEFAULTS = {"split": "test", "max_pixels": DEFAULT_MAX_PIXELS, "min_pixels": DEFAULT_MIN_PIXELS,
-                 "max_tokens": 48, "batch_size": 8}
+                 "max_tokens": 48, "batch_size": 20}
 GROUP_EVAL_KEYS = ("max_pixels", "min_pixels", "max_tokens", "batch_size")
 SET_BY_SERIES = ("data", "out", "models_dir", "seed", "distributed")  # LoraConfig fields not in a YAML
 NOT_RECORDED = ("val_every", "save_every")  # bookkeeping: a change does not redo a run
