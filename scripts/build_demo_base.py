@@ -4,6 +4,8 @@ weights of a real model that knows Mickey Mouse but not Cheburashka.
 
     python scripts/build_demo_base.py [--out data/demo_base] [--work DIR]
     python scripts/build_demo_base.py --check      # rebuild in a temp folder, compare bytes
+    python scripts/build_demo_base.py --size large # the larger base (data/demo_base_large), on the
+                                                   # small base's vision tower: language stage only
 
 Stages (every one seeded; the same machine and BLAS give the same bytes):
   1. a tiny checkpoint in Hugging Face layout (mlx_cultvlm.tiny, DEMO_SPEC), converted to MLX float32;
@@ -38,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlx_cultvlm import characters  # noqa: E402
-from mlx_cultvlm.demo import BASE_IMAGES_SEED, DEMO_SPEC, IMAGE_SIZE, VISION_SEED_OFFSET  # noqa: E402
+from mlx_cultvlm.demo import (BASE_DIR, BASE_IMAGES_SEED, DEMO_SPEC, IMAGE_SIZE, LARGE_BASE_DIR,  # noqa: E402
+                              LARGE_SPEC, VISION_SEED_OFFSET)
+
+SIZES = {"small": (DEMO_SPEC, BASE_DIR), "large": (LARGE_SPEC, LARGE_BASE_DIR)}
 
 # Vision pre-training in phases, each a fresh AdamW + warmup + cosine on new pictures (the seed
 # picks them; seed + 1 draws that phase's held-out pictures) and a fresh classifier head.
@@ -195,25 +200,39 @@ def weight_hashes(folder: Path) -> dict:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.glob("*.safetensors"))}
 
 
-def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase: int = 0) -> dict:
-    """The whole build. `vision_weights` + `from_phase`: continue a build whose vision phases
-    before `from_phase` are done (their tower's weights in that file)."""
+def load_tower(model, source: Path) -> None:
+    """The vision tower's weights from a file of tower weights, or from a built model folder."""
+    if source.is_dir():
+        weights = mx.load(str(source / "model.safetensors"))
+        model.vision_tower.load_weights([(k.removeprefix("vision_tower."), v) for k, v in weights.items()
+                                         if k.startswith("vision_tower.")])
+    else:
+        model.vision_tower.load_weights(str(source))
+
+
+def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase: int = 0, size: str = "small") -> dict:
+    """The whole build. `vision_weights` + `from_phase`: start from that tower (a file of its
+    weights or a built base folder) with the vision phases before `from_phase` done. The large
+    base takes the small base's finished tower and runs the language stage only."""
     from mlx_cultvlm.convert import convert
     from mlx_cultvlm.files import replace_folder, write_json
     from mlx_cultvlm.generate import load_model
     from mlx_cultvlm.tiny import build_tiny_qwen
 
+    spec = SIZES[size][0]
+    if size == "large" and vision_weights is None:
+        vision_weights, from_phase = BASE_DIR, len(VISION_PHASES)
     started = time.perf_counter()
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    hf = build_tiny_qwen(work / "hf", DEMO_SPEC)
+    hf = build_tiny_qwen(work / "hf", spec)
     float_dir = convert("tiny", hf_path=str(hf), out=work / "float32", dtype="float32")
     model, processor = load_model(str(float_dir))
     model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
 
     if vision_weights:
-        model.vision_tower.load_weights(str(vision_weights))
-        earlier_log = vision_weights.with_name("vision_log.jsonl")
+        load_tower(model, vision_weights)
+        earlier_log = (vision_weights if vision_weights.is_dir() else vision_weights.parent) / "vision_log.jsonl"
         if earlier_log.is_file():
             shutil.copy2(earlier_log, work / "vision_log.jsonl")
     for number, phase in enumerate(VISION_PHASES[from_phase:], from_phase + 1):
@@ -227,8 +246,12 @@ def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase:
     base = train_language(seeing, language_data(work / "language"), work)
     shutil.copy2(work / "vision_log.jsonl", base / "vision_log.jsonl")
     shutil.copy2(work / "adapters" / "train_log.jsonl", base / "language_log.jsonl")
-    manifest = {"built_by": "python scripts/build_demo_base.py", "spec": DEMO_SPEC.__dict__, "vision_phases": VISION_PHASES,
-                "continued_from_phase": from_phase,
+    manifest = {"built_by": "python scripts/build_demo_base.py" + (" --size large" if size == "large" else ""),
+                "spec": spec.__dict__, "vision_phases": VISION_PHASES, "continued_from_phase": from_phase,
+                "vision_from": None if vision_weights is None else {
+                    "path": str(vision_weights.relative_to(ROOT) if vision_weights.is_relative_to(ROOT) else vision_weights),
+                    "sha256": weight_hashes(vision_weights) if vision_weights.is_dir() else
+                    hashlib.sha256(vision_weights.read_bytes()).hexdigest()},
                 "language": LANGUAGE, "vision_held_out": vision, "weights_sha256": weight_hashes(base),
                 "blas": {k: os.environ.get(k) for k in ("LD_PRELOAD", "OPENBLAS_CORETYPE", "OPENBLAS_NUM_THREADS")},
                 "seconds": round(time.perf_counter() - started)}
@@ -241,22 +264,25 @@ def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "data" / "demo_base"))
+    parser.add_argument("--size", choices=SIZES, default="small")
+    parser.add_argument("--out", type=Path, help="default: data/demo_base (small) or data/demo_base_large")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
-    parser.add_argument("--vision-weights", type=Path, help="continue: the tower after the earlier phases")
+    parser.add_argument("--vision-weights", type=Path,
+                        help="start from this tower (a file of its weights or a built base folder)")
     parser.add_argument("--from-phase", type=int, default=0, help="continue: the first phase still to run")
     parser.add_argument("--check", action="store_true",
                         help="rebuild in a temporary folder and compare the weights with --out byte for byte")
     args = parser.parse_args()
+    out = args.out or SIZES[args.size][1]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp) / "work"
         if not args.check:
-            build(Path(args.out), work, args.vision_weights, args.from_phase)
+            build(out, work, args.vision_weights, args.from_phase, args.size)
             return
-        shipped = json.loads((Path(args.out) / "demo_base.json").read_text())["weights_sha256"]
-        rebuilt = build(Path(tmp) / "rebuilt", work)["weights_sha256"]
+        shipped = json.loads((out / "demo_base.json").read_text())["weights_sha256"]
+        rebuilt = build(Path(tmp) / "rebuilt", work, size=args.size)["weights_sha256"]
         same = rebuilt == shipped
-        print("rebuilt weights are " + ("identical to" if same else "DIFFERENT from") + f" {args.out}")
+        print("rebuilt weights are " + ("identical to" if same else "DIFFERENT from") + f" {out}")
         sys.exit(0 if same else 1)
 
 

@@ -88,3 +88,22 @@ def test_full_demo_meets_every_threshold(tmp_path, capsys):
     passed = run_demo(tmp_path / "demo")
     output = capsys.readouterr().out
     assert all(_check_run(tmp_path / "demo", passed, output)), output[-2000:]
+
+
+def test_a_base_takes_its_vision_tower_from_a_built_base_folder():
+    """The larger base (`build_demo_base.py --size large`) starts from the shipped base's tower."""
+    import sys
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    sys.path.insert(0, str(BASE_DIR.parent.parent / "scripts"))
+    from build_demo_base import load_tower
+
+    shipped, _ = load_model(str(BASE_DIR))
+    other, _ = load_model(str(BASE_DIR))
+    other.vision_tower.update(tree_map(mx.zeros_like, other.vision_tower.parameters()))
+    load_tower(other, BASE_DIR)
+    pairs = zip(tree_flatten(shipped.vision_tower.parameters()), tree_flatten(other.vision_tower.parameters()))
+    checked = [np.array_equal(np.array(a), np.array(b)) for (_, a), (_, b) in pairs]
+    assert checked and all(checked)
