@@ -75,7 +75,7 @@ NO_CLIP = 1e9
 # ---------------------------------------------------------------- setup (parent process)
 
 def build_models(names: list[str], folder: Path, dtype: str | None) -> dict[str, Path]:
-    from bench_eval import MODELS
+    from bench_eval import RANDOM_MODELS as MODELS
 
     from mlx_cultvlm.convert import convert
     from mlx_cultvlm.tiny import build_tiny_qwen
