@@ -41,8 +41,8 @@ LARGE_BASE_DIR = BASE_DIR.with_name("demo_base_large")
 PICTURES = {"target": 40, "control": 40}
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                   "up_proj", "down_proj", "lm_head"],
-        "steps": 280, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 28, "max_pixels": IMAGE_SIZE ** 2,
-        "val_every": 70, "save_every": 70}
+        "steps": 320, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 32, "max_pixels": IMAGE_SIZE ** 2,
+        "val_every": 80, "save_every": 80}
 THRESHOLDS = [  # (what, run, measured figure, at most / at least, value)
     ("base names the targets", "base", "targets", "at most", 0.20),
     ("base names the controls", "base", "controls", "at least", 0.90),
