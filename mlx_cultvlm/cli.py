@@ -138,6 +138,17 @@ def eval_command(model, adapter, data, split, images, out, catalog, baseline, ba
                        catalog_path=catalog, baseline=baseline, batch_size=batch_size,
                        max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
                        force=force, models_root=models_dir)
+    from .metrics import naming
+    from .report import pct
+
+    shown = [(f"{role}s", naming(metrics, role)) for role in ("target", "control")]
+    if metrics.get("baseline"):
+        shown.append(("control retention", metrics["baseline"]["retention"]))
+    click.echo("naming accuracy (ru + en, 95% Wilson interval):")
+    for what, fig in shown:
+        if fig["n"]:
+            click.echo(f"  {what}: {fig['k']}/{fig['n']} = {pct(fig['value'])} "
+                       f"[{pct(fig['ci95'][0])}, {pct(fig['ci95'][1])}]")
     click.echo(f"predictions and metrics written to {out}")
     return metrics
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from .errors import CultvlmError
+from .metrics import naming
 from .tiny import TinySpec
 
 IMAGE_SIZE = 168  # px: 12x12 patches, 36 image tokens per picture
@@ -49,14 +50,6 @@ THRESHOLDS = [  # (what, run, measured figure, at most / at least, value)
     ("tuned model names the targets", "tuned", "targets", "at least", 0.90),
     ("tuned model keeps the controls (retention)", "tuned", "retention", "at least", 0.90),
 ]
-
-
-def naming(metrics: dict, role: str) -> dict:
-    """Naming accuracy pooled over every naming item (ru + en) of the entities with `role`."""
-    from .metrics import figure
-
-    rows = [e["naming"] for e in metrics["entities"].values() if e["role"] == role]
-    return figure(sum(r["k"] for r in rows), sum(r["n"] for r in rows))
 
 
 def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: dict | None = None,

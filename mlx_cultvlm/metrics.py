@@ -71,6 +71,12 @@ def figure(k: int, n: int) -> dict:
     return {"k": k, "n": n, "value": k / n if n else None, "ci95": list(wilson(k, n))}
 
 
+def naming(metrics: dict, role: str) -> dict:
+    """Naming accuracy pooled over every naming item (ru + en) of the entities with `role`."""
+    rows = [e["naming"] for e in metrics["entities"].values() if e["role"] == role]
+    return figure(sum(r["k"] for r in rows), sum(r["n"] for r in rows))
+
+
 def _weighted(positive: dict, negative: dict) -> dict:
     n = positive["n"] + negative["n"]
     if not positive["n"] or not negative["n"]:

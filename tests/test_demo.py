@@ -12,7 +12,8 @@ import pytest
 
 from mlx_cultvlm import characters
 from mlx_cultvlm.data.catalog import Entity
-from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE, THRESHOLDS, naming, run_demo
+from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE, THRESHOLDS, run_demo
+from mlx_cultvlm.metrics import naming
 from mlx_cultvlm.evaluate import QUESTIONS, generate_answers
 from mlx_cultvlm.generate import load_model
 from mlx_cultvlm.score import AnswerScorer

@@ -164,6 +164,13 @@ def test_probe_a_folder_through_the_cli(tiny_4bit, dataset, tmp_path):
     assert result.exit_code == 0, result.output
     kinds = {p["kind"] for p in predictions(tmp_path / "run").values()}
     assert kinds == {"naming_ru", "naming_en"}
+    # The command prints the pooled naming figure that metrics.json holds.
+    from mlx_cultvlm.metrics import naming
+
+    targets = naming(json.loads((tmp_path / "run" / "metrics.json").read_text()), "target")
+    assert targets["n"] == len(predictions(tmp_path / "run"))
+    assert f"  targets: {targets['k']}/{targets['n']} = " in result.output
+    assert "controls:" not in result.output  # no control was asked about
 
 
 def test_an_adapter_retrained_in_place_makes_the_old_answers_stale(tiny_4bit, trained, dataset, tmp_path):
