@@ -10,7 +10,6 @@ from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_t
 from .models import check_model_folder, resolve_model
 
 DEFAULT_PROMPT = "Кто изображён на картинке?"
-IMAGE_PAD, VISION_END = "<|image_pad|>", "<|vision_end|>"
 
 
 def load_model(model: str, adapter: str | None = None, models_root: str | None = None):
@@ -57,11 +56,13 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
     import numpy as np
     from mlx_vlm.models.cache import KVCache
 
-    from .lora import image_features, lm_head
+    from .lora import image_features, image_gather_index, lm_head, with_image_features
+    from .samples import IMAGE_PAD, VISION_END
 
     tok, lm = processor.tokenizer, model.language_model
-    unique = list({id(im): im for im in images}.values())
-    picture = [next(u for u, im in enumerate(unique) if im is image) for image in images]
+    number = {}  # id(picture) -> its row among the distinct pictures
+    picture = [number.setdefault(id(image), len(number)) for image in images]
+    unique = list({id(image): image for image in images}.values())
     heads, tails = {}, []
     for image, u, question in zip(images, picture, questions):
         head, tail = build_prompt(processor, question).split(VISION_END)
@@ -89,15 +90,11 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
     grid = mx.array(np.asarray(processed["image_grid_thw"]))
     features = image_features(model, mx.array(np.asarray(processed["pixel_values"], np.float32)), grid)
     ids, valid_head = left_padded(heads)
-    embeds = lm.model.embed_tokens(mx.array(ids))
-    U, P, D = embeds.shape
-    image_rows = np.nonzero(ids.reshape(-1) == tok.convert_tokens_to_ids(IMAGE_PAD))[0]
-    index = np.arange(U * P)
-    index[image_rows] = U * P + np.arange(len(image_rows))
-    embeds = mx.concatenate([embeds.reshape(U * P, D), features.astype(embeds.dtype)])[mx.array(index)]
+    embeds = with_image_features(lm.model.embed_tokens(mx.array(ids)), features,
+                                 mx.array(image_gather_index(ids, tok.convert_tokens_to_ids(IMAGE_PAD))))
     positions, _ = lm.get_rope_index(mx.array(ids), grid, None, mx.array(valid_head.astype(np.int32)))
     cache = [KVCache() for _ in lm.model.layers]
-    lm.model(None, inputs_embeds=embeds.reshape(U, P, D), mask=attention_mask(np.zeros((U, 0), bool), valid_head),
+    lm.model(None, inputs_embeds=embeds, mask=attention_mask(np.zeros((len(unique), 0), bool), valid_head),
              cache=cache, position_ids=positions)
     after_image = np.asarray(mx.max(mx.where(mx.array(valid_head)[None], positions, 0), axis=(0, 2))) + 1
 

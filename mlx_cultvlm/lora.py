@@ -241,6 +241,22 @@ def lm_head(model, h: mx.array) -> mx.array:
     return lm.model.embed_tokens.as_linear(h)
 
 
+def image_gather_index(ids: np.ndarray, image_pad_id: int) -> np.ndarray:
+    """For `with_image_features`: row i of the flattened [B*L] embeddings, or B*L + j for the
+    j-th image-pad token (its image feature)."""
+    image_rows = np.nonzero(ids.reshape(-1) == image_pad_id)[0]
+    index = np.arange(ids.size, dtype=np.int32)
+    index[image_rows] = ids.size + np.arange(len(image_rows), dtype=np.int32)
+    return index
+
+
+def with_image_features(embeds: mx.array, features: mx.array, gather_index: mx.array) -> mx.array:
+    """The token embeddings [B, L, D] with the image-pad rows replaced by the features, in one gather."""
+    B, L, D = embeds.shape
+    flat = mx.concatenate([embeds.reshape(B * L, D), features.astype(embeds.dtype)])
+    return flat[gather_index].reshape(B, L, D)
+
+
 def batch_loss(model, input_ids, features, gather_index, position_ids, target_rows, targets, weights):
     """(sum of cross-entropy over target tokens, their count). Image features replace the
     image-pad embeddings by one gather; logits are computed only at target rows."""
@@ -248,8 +264,7 @@ def batch_loss(model, input_ids, features, gather_index, position_ids, target_ro
     embeds = lm.model.embed_tokens(input_ids)
     B, L, D = embeds.shape
     if features is not None:
-        flat = mx.concatenate([embeds.reshape(B * L, D), features.astype(embeds.dtype)])
-        embeds = flat[gather_index].reshape(B, L, D)
+        embeds = with_image_features(embeds, features, gather_index)
     h = lm.model(None, inputs_embeds=embeds, position_ids=position_ids)
     logits = lm_head(model, h.reshape(B * L, D)[target_rows]).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, targets) * weights
@@ -277,10 +292,7 @@ def step_inputs(model, batch: Batch, image_pad_id: int, bucket: int = 32) -> Ste
     ids_mx = mx.array(ids)
     gather = grid = pixels = None
     if batch.image_grid_thw is not None:
-        image_rows = np.nonzero(ids.reshape(-1) == image_pad_id)[0]
-        index = np.arange(B * L, dtype=np.int32)
-        index[image_rows] = B * L + np.arange(len(image_rows), dtype=np.int32)
-        gather, grid = mx.array(index), mx.array(batch.image_grid_thw)
+        gather, grid = mx.array(image_gather_index(ids, image_pad_id)), mx.array(batch.image_grid_thw)
         pixels = None if batch.pixel_values is None else mx.array(batch.pixel_values)
     position_ids, _ = model.language_model.get_rope_index(ids_mx, grid, None, mx.array(batch.attention_mask))
     # Row t predicts token t+1: rows whose next token carries loss.

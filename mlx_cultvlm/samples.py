@@ -25,6 +25,7 @@ from .errors import CultvlmError
 from .images import FACTOR, PATCH, grid_size, load_image, num_image_tokens, resize_exactly
 
 IMAGE_PAD = "<|image_pad|>"
+VISION_END = "<|vision_end|>"
 ASSISTANT_PREFIX = "<|im_start|>assistant\n"
 END_OF_TURN = "<|im_end|>"
 
