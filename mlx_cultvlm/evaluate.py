@@ -86,6 +86,26 @@ def items_from_dataset(data: Path, split: str, catalog: dict[str, Entity]) -> li
             for item in items_for_image(image, sha, catalog[entity], catalog)]
 
 
+def reference_pictures(data: Path, catalog: dict[str, Entity], split: str = "train") -> list[list[str]]:
+    """[image path, label] of one picture per entity of the split, in catalog order: the first by
+    sha256 (a prompting baseline shows them before every question; training pictures, so a
+    leak-free dataset never shows a test picture)."""
+    from .samples import read_jsonl as read_dataset, resolve_image
+
+    path = data / f"{split}.jsonl"
+    first: dict[str, tuple[str, str]] = {}
+    for lineno, record in read_dataset(path):
+        meta = record.get("meta") or {}
+        if record.get("images") and meta.get("entity") in catalog:
+            image = resolve_image(data, record["images"][0], f"{path}:{lineno}")
+            key = (meta.get("sha256") or _sha256(image), str(image))
+            first[meta["entity"]] = min(first.get(meta["entity"], key), key)
+    if not first:
+        raise CultvlmError(f"{path}: no pictures of catalog entities to show as references")
+    return [[first[e][1], f"{entity.name('ru')} ({entity.name('en')})"]
+            for e, entity in catalog.items() if e in first]
+
+
 def items_from_folder(folder: Path, catalog: dict[str, Entity]) -> list[dict]:
     """A quick probe of a folder: naming questions; the entity is known when the image sits in
     a sub-folder named after a catalog id."""
@@ -128,15 +148,16 @@ def score(item: dict, answer: str, scorer) -> dict:
 
 
 def generate_answers(model, processor, items: list[dict], max_tokens: int, min_pixels: int,
-                     max_pixels: int) -> list[str]:
-    """Greedy answers for a batch of items, one image each; each picture is loaded and encoded
-    once however many of its questions the batch holds."""
+                     max_pixels: int, references: list[list[str]] = ()) -> list[str]:
+    """Greedy answers for a batch of items, one image each (after the [path, label] reference
+    pictures, if any); each picture is loaded and encoded once however many of its questions
+    the batch holds."""
     from .generate import batch_answers
 
     pictures = {path: fit_to_budget(load_image(path), min_pixels, max_pixels)
-                for path in dict.fromkeys(item["image"] for item in items)}
+                for path in dict.fromkeys([*(path for path, _ in references), *(item["image"] for item in items)])}
     answers = batch_answers(model, processor, [pictures[i["image"]] for i in items], [i["prompt"] for i in items],
-                            max_tokens)
+                            max_tokens, [(pictures[path], label) for path, label in references])
     return [text.strip() for text in answers]
 
 
@@ -145,9 +166,10 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
              baseline: str | None = None, batch_size: int = 20, max_tokens: int = 48,
              min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
              force: bool = False, models_root: str | None = None, progress: bool = True,
-             prompt_suffix: dict[str, str] | None = None) -> dict:
-    """Run (or resume) an evaluation; returns the metrics. `prompt_suffix` maps a question kind
-    to text appended to its questions (e.g. the candidate names, for a prompting baseline)."""
+             prompt_suffix: dict[str, str] | None = None, references: list[list[str]] | None = None) -> dict:
+    """Run (or resume) an evaluation; returns the metrics. Prompting baselines: `prompt_suffix`
+    maps a question kind to text appended to its questions (e.g. the candidate names);
+    `references` are [image path, label] pictures shown before every question's picture."""
     from tqdm import tqdm
 
     from .generate import load_model
@@ -171,7 +193,7 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     run = {"model": model, "adapter": adapter, "weights": weights, "dataset": str(data or images),
            "split": split if data else None,
            "catalog": str(catalog_path), "max_pixels": max_pixels, "min_pixels": min_pixels,
-           "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "items": len(items),
+           "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "references": references or None, "items": len(items),
            "items_sha256": hashlib.sha256("\n".join(sorted(i["item_id"] for i in items)).encode()).hexdigest()}
     done = _previous_predictions(out, run, force)
     write_json(out / "run.json", run | {"started_at": _now(), "finished_at": None})
@@ -186,7 +208,8 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
         start = time.perf_counter()
         for b in range(0, len(todo), batch_size):
             batch = todo[b:b + batch_size]
-            answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels)
+            answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels,
+                                       references or ())
             for item, answer in zip(batch, answers):
                 append_jsonl(out / "predictions.jsonl", score(item, answer, scorer))
             bar.update(len(batch))

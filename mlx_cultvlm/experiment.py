@@ -35,9 +35,10 @@ and the images are the dataset's own, untouched, so every run is scored on the s
 
 `prompt: candidates` (a baseline only) appends the names of every entity in the dataset, in
 catalog order, to the naming and fact questions ("Possible answers: ..."): what the base model
-does when it only has to pick a name. One reference picture per entity in the prompt is not
-implemented: evaluate asks about one image per item (`generate.batch_answers` shares one
-picture's prefix among its questions), and multi-image items would need a new item type, prompt builder and pixel budget.
+does when it only has to pick a name. `prompt: reference_images` shows one training picture of
+each of those entities, labelled with its names, before every question's picture
+(`evaluate.reference_pictures`, at the eval's pixel budget): what the base model does when it
+can compare with a picture of each candidate.
 
 The series folder:
 
@@ -75,7 +76,7 @@ from .files import partial_folder, replace_folder, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 
 MIX_KINDS = ("naming", "fact", "describe", "verify_yes", "verify_no", "replay")  # data/build.py
-PROMPTS = ("plain", "candidates")
+PROMPTS = ("plain", "candidates", "reference_images")
 SERIES_KEYS = ("name", "description", "data", "catalog", "models_dir", "eval", "defaults", "seeds",
                "baselines", "variants")
 EVAL_DEFAULTS = {"split": "test", "max_pixels": DEFAULT_MAX_PIXELS, "min_pixels": DEFAULT_MIN_PIXELS,
@@ -325,9 +326,6 @@ def load_series(path: str | Path) -> Series:
                 if not isinstance(model, str) or not model:
                     fail(f"{where}model: missing (a preset such as 3b-4bit, or a model folder)")
                 prompt = entry.get("prompt", "plain")
-                if prompt == "reference_images":
-                    fail(f"{where}prompt: 'reference_images' (one reference picture per entity in the "
-                         "prompt) is not implemented: evaluation asks about one image per item")
                 if prompt not in PROMPTS:
                     fail(f"{where}prompt: expected one of {', '.join(PROMPTS)}, got {prompt!r}")
                 group = Group(gname, "baseline", i, model, group_eval, own, note, prompt)
@@ -472,6 +470,11 @@ def plan(series: Series, out: Path) -> tuple[list[Run], dict[str, bytes]]:
         if group.prompt == "candidates":
             suffix = suffix or candidate_suffix(series)
             evaluation["prompt_suffix"] = suffix
+        if group.prompt == "reference_images":
+            from .data.catalog import load_catalog
+            from .evaluate import reference_pictures
+
+            evaluation["references"] = reference_pictures(series.data, load_catalog(series.catalog))
         common = {"kind": group.kind, "model": group.model, "eval": evaluation,
                   "eval_data_sha256": test_sha, "catalog_sha256": catalog_sha}
         if group.kind == "baseline":
@@ -588,7 +591,7 @@ def execute(series: Series, run: Run, out: Path, models_dir: str | None, progres
              batch_size=group.eval["batch_size"], max_tokens=group.eval["max_tokens"],
              min_pixels=group.eval["min_pixels"], max_pixels=group.eval["max_pixels"],
              models_root=models_dir, progress=progress,
-             prompt_suffix=run.settings["eval"].get("prompt_suffix"))
+             prompt_suffix=run.settings["eval"].get("prompt_suffix"), references=run.settings["eval"].get("references"))
     _release_memory()
     write_json(record, info | {"finished_at": _now()})
 
@@ -722,7 +725,8 @@ def _summary_cells(s: dict) -> list[str]:
 
 def _settings_row(group: Group, train_lines: dict[str, int]) -> list:
     if group.kind == "baseline":
-        prompt = "candidate names" if group.prompt == "candidates" else "plain"
+        prompt = {"candidates": "candidate names", "reference_images": "a reference picture per entity"}.get(
+            group.prompt, "plain")
         return [group.name, "baseline (no training)", group.model, "1 run", "", "", "", "", "", "", "",
                 f"{prompt}; eval {group.eval['max_pixels']} px", group.baseline or "", group.note]
     t = group.train

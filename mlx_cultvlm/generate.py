@@ -26,9 +26,21 @@ def load_model(model: str, adapter: str | None = None, models_root: str | None =
     return model_obj, processor
 
 
-def build_prompt(processor, question: str) -> str:
-    """The model's own chat template around one image and a question."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+REFERENCE_INTRO = "Образцы (reference pictures):\n"
+QUESTION_INTRO = "Вопрос о следующей картинке (the question is about this picture):\n"
+
+
+def build_prompt(processor, question: str, references: list[str] = ()) -> str:
+    """The model's own chat template around one image and a question. `references` labels
+    reference pictures shown first, one label after each (a prompting baseline)."""
+    content = []
+    if references:
+        content.append({"type": "text", "text": REFERENCE_INTRO})
+        for label in references:
+            content += [{"type": "image"}, {"type": "text", "text": f" {label}\n"}]
+        content.append({"type": "text", "text": QUESTION_INTRO})
+    content += [{"type": "image"}, {"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
@@ -44,9 +56,11 @@ def only_real_tokens(n_tokens: int):
     return process
 
 
-def batch_answers(model, processor, images: list, questions: list[str], max_tokens: int) -> list[str]:
+def batch_answers(model, processor, images: list, questions: list[str], max_tokens: int,
+                  references: list[tuple] = ()) -> list[str]:
     """Greedy answers to `questions[i]` about `images[i]` (PIL images already fitted to their
-    pixel budget), generated together. Questions about one picture (the same object in
+    pixel budget), generated together; `references` (picture, label) pairs come before every
+    row's picture (`build_prompt`). Questions about one picture (the same object in
     `images`) share its work: the picture goes through the vision tower once, and the prompt up
     to the end of its image tokens (system turn and image) goes through the language model once;
     each question continues from a copy of that key/value cache. Rows of different lengths are
@@ -63,10 +77,14 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
     number = {}  # id(picture) -> its row among the distinct pictures
     picture = [number.setdefault(id(image), len(number)) for image in images]
     unique = list({id(image): image for image in images}.values())
+    shown = [r for r, _ in references]
+    labels = [label for _, label in references]
     heads, tails = {}, []
     for image, u, question in zip(images, picture, questions):
-        head, tail = build_prompt(processor, question).split(VISION_END)
-        head = head.replace(IMAGE_PAD, IMAGE_PAD * num_image_tokens(image.height, image.width)) + VISION_END
+        head, tail = build_prompt(processor, question, labels).rsplit(VISION_END, 1)
+        parts = head.split(IMAGE_PAD)  # text around each picture's one pad token
+        head = "".join(text + IMAGE_PAD * num_image_tokens(p.height, p.width)
+                       for text, p in zip(parts, [*shown, image])) + parts[-1] + VISION_END
         heads.setdefault(u, tok.encode(head, add_special_tokens=False))
         tails.append(tok.encode(tail, add_special_tokens=False))
     heads = [heads[u] for u in range(len(unique))]
@@ -85,10 +103,16 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
         before = np.broadcast_to(keys_before[:, None, :], (len(valid), L, keys_before.shape[1]))
         return mx.array(np.concatenate([before, own], axis=2)[:, None])
 
-    # 1. Each picture's prefix, once. Image tokens take the vision tower's features, in order.
-    processed = processor.image_processor(images=unique)
-    grid = mx.array(np.asarray(processed["image_grid_thw"]))
-    features = image_features(model, mx.array(np.asarray(processed["pixel_values"], np.float32)), grid)
+    # 1. Each picture's prefix, once. Image tokens take the vision tower's features, in order:
+    # the reference pictures' (encoded once for all rows), then the row's own picture's.
+    processed = processor.image_processor(images=shown + unique)
+    grids = np.asarray(processed["image_grid_thw"])
+    encoded = image_features(model, mx.array(np.asarray(processed["pixel_values"], np.float32)), mx.array(grids))
+    ends = np.cumsum(grids.prod(axis=1) // model.config.vision_config.spatial_merge_size ** 2)
+    per_picture = [encoded[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    order = [[*range(len(shown)), len(shown) + u] for u in range(len(unique))]  # pictures of each prefix
+    features = mx.concatenate([per_picture[i] for row in order for i in row])
+    grid = mx.array(grids[np.concatenate(order)])
     ids, valid_head = left_padded(heads)
     embeds = with_image_features(lm.model.embed_tokens(mx.array(ids)), features,
                                  mx.array(image_gather_index(ids, tok.convert_tokens_to_ids(IMAGE_PAD))))
@@ -155,14 +179,16 @@ def _detokenize(processor, ids: list[int]) -> str:
 def stream_answer(model, processor, image_path: str | Path, question: str = DEFAULT_PROMPT,
                   max_tokens: int = 128, temperature: float = 0.0,
                   min_pixels: int = DEFAULT_MIN_PIXELS,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[str]:
-    """Yield the answer's text piece by piece as tokens are generated."""
+                  max_pixels: int = DEFAULT_MAX_PIXELS, references: list[tuple] = ()) -> Iterator[str]:
+    """Yield the answer's text piece by piece as tokens are generated. `references`: (image
+    path, label) pairs shown before the picture (`build_prompt`)."""
     import mlx_vlm
 
     check_budget(min_pixels, max_pixels)
+    shown = [fit_to_budget(load_image(path), min_pixels, max_pixels) for path, _ in references]
     image = fit_to_budget(load_image(image_path), min_pixels, max_pixels)
-    prompt = build_prompt(processor, question)
-    for chunk in mlx_vlm.stream_generate(model, processor, prompt, image=[image],
+    prompt = build_prompt(processor, question, [label for _, label in references])
+    for chunk in mlx_vlm.stream_generate(model, processor, prompt, image=[*shown, image],
                                          max_tokens=max_tokens, temperature=temperature,
                                          logits_processors=[only_real_tokens(len(processor.tokenizer))]):
         yield chunk.text

@@ -12,7 +12,7 @@ import pytest
 
 from mlx_cultvlm import characters
 from mlx_cultvlm.data.catalog import Entity
-from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE, THRESHOLDS, run_demo
+from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE, LARGE_BASE_DIR, THRESHOLDS, run_demo
 from mlx_cultvlm.metrics import naming
 from mlx_cultvlm.evaluate import QUESTIONS, generate_answers
 from mlx_cultvlm.generate import load_model
@@ -22,10 +22,11 @@ CATALOG = {raw["id"]: Entity(**raw) for raw in characters.DEMO_CATALOG["entities
 FRESH_SEED = 4242  # pictures neither the base's training nor the demo's data ever drew
 
 
-def test_the_base_names_controls_from_the_picture_and_knows_no_target(tmp_path):
+@pytest.mark.parametrize("base", [BASE_DIR, LARGE_BASE_DIR], ids=["demo_base", "demo_base_large"])
+def test_the_base_names_controls_from_the_picture_and_knows_no_target(tmp_path, base):
     """Two thirds of the base's training answers were the generic one: a model that ignored the
     picture would say it to everything. This one names each control and no target."""
-    model, processor = load_model(str(BASE_DIR))
+    model, processor = load_model(str(base))
     scorer = AnswerScorer(CATALOG)
     items = []
     for entity_id, paths in characters.write_images(tmp_path, per_entity=8, seed=FRESH_SEED,
@@ -44,13 +45,28 @@ def test_the_base_names_controls_from_the_picture_and_knows_no_target(tmp_path):
     assert np.mean(targets) >= 0.9, np.mean(targets)
 
 
-def test_the_shipped_base_records_how_it_was_built():
-    built = json.loads((BASE_DIR / "demo_base.json").read_text())
+@pytest.mark.parametrize("base", [BASE_DIR, LARGE_BASE_DIR], ids=["demo_base", "demo_base_large"])
+def test_the_shipped_base_records_how_it_was_built(base):
+    import hashlib
+
+    built = json.loads((base / "demo_base.json").read_text())
     assert built["vision_held_out"]["held_out_n"] > 0
     for name, digest in built["weights_sha256"].items():
-        import hashlib
+        assert hashlib.sha256((base / name).read_bytes()).hexdigest() == digest
 
-        assert hashlib.sha256((BASE_DIR / name).read_bytes()).hexdigest() == digest
+
+def test_the_large_base_has_the_demo_base_vision_tower_and_a_larger_language_model():
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    built = json.loads((LARGE_BASE_DIR / "demo_base.json").read_text())
+    assert built["vision_from"]["path"] == "data/demo_base"
+    assert built["vision_from"]["sha256"] == json.loads((BASE_DIR / "demo_base.json").read_text())["weights_sha256"]
+    small, _ = load_model(str(BASE_DIR))
+    large, _ = load_model(str(LARGE_BASE_DIR))
+    tower = dict(tree_flatten(small.vision_tower.parameters()))
+    assert all(mx.array_equal(tower[k], v).item() for k, v in tree_flatten(large.vision_tower.parameters()))
+    assert (len(small.language_model.model.layers), len(large.language_model.model.layers)) == (2, 4)
 
 
 def _check_run(out, passed, output):

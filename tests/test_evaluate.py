@@ -79,6 +79,42 @@ def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_
     assert min(lengths) < max(lengths) < 24  # rows ended, at different steps
 
 
+
+def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4bit, dataset, tmp_path, monkeypatch):
+    """The reference-pictures baseline: one training picture per entity (catalog order, never a
+    test picture), labelled, before each question's picture. The references go through the
+    vision tower once per batch; answers equal mlx-vlm's one-by-one generation with the same
+    pictures and prompt; run.json records them, so another choice of references is another run."""
+    import mlx_cultvlm.lora as lora_module
+    from mlx_cultvlm.evaluate import reference_pictures
+
+    root, items = dataset
+    catalog = load_catalog(CATALOG)
+    references = reference_pictures(root, catalog)
+    assert [label for _, label in references] == [
+        "Чебурашка (Cheburashka)", "Старуха Шапокляк (Old Lady Shapoklyak)", "Колобок (Kolobok)", "Пикачу (Pikachu)"]
+    train = {path.resolve(): name for path, name in items["train"]}
+    assert all(train[Path(path).resolve()] in label for path, label in references)  # training pictures
+
+    probe = items_from_dataset(root, "test", catalog)[:10]
+    model, processor = load_model(str(tiny_4bit))
+    encoded = []
+    real_features = lora_module.image_features
+    monkeypatch.setattr(lora_module, "image_features",
+                        lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
+    batched = generate_answers(model, processor, probe, 24, 3136, PIXELS, references)
+    pictures = len({p["image"] for p in probe})
+    assert encoded == [len(references) + pictures]
+    one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24, max_pixels=PIXELS,
+                                        references=references)).strip() for p in probe]
+    assert batched == one_by_one
+    assert batched != generate_answers(model, processor, probe, 24, 3136, PIXELS)  # the references matter
+
+    run_eval(tiny_4bit, tmp_path / "refs", root, references=references)
+    assert json.loads((tmp_path / "refs" / "run.json").read_text())["references"] == references
+    with pytest.raises(CultvlmError, match="other settings \\(references\\)"):
+        run_eval(tiny_4bit, tmp_path / "refs", root, references=references[:2])
+
 def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     root, items = dataset
     base = run_eval(tiny_4bit, tmp_path / "base", root)

@@ -299,8 +299,8 @@ def test_changed_variant_is_refused_then_redone_with_force(series):
     (lambda s: s["defaults"].update(learning_rate="fast"), r": defaults: learning_rate: expected a number"),
     (lambda s: s["variants"][1].update(compare_with="nope"),
      r": variants\[1\] \(everything\): compare_with: 'nope' is not another variant"),
-    (lambda s: s["baselines"][1].update(prompt="reference_images"),
-     r": baselines\[1\] \(base-names\): prompt: 'reference_images' .* is not implemented"),
+    (lambda s: s["baselines"][1].update(prompt="pictures"),
+     r": baselines\[1\] \(base-names\): prompt: expected one of plain, candidates, reference_images, got 'pictures'"),
     (lambda s: s["variants"][0].update(rank=0), r": variants\[0\] \(naming-only\): rank must be a positive"),
 ])
 def test_bad_series_file_is_a_one_line_error(series, tmp_path, edit, message):
@@ -423,9 +423,10 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 def shipped(name: str, dataset_root: Path, tmp_path: Path) -> Path:
     """experiments/<name>.yaml with `data` pointed at the test dataset (the real one is built on
-    a Mac), everything else as shipped."""
+    a Mac, the demo's by `cultvlm demo`), everything else as shipped."""
     raw = yaml.safe_load((EXPERIMENTS / name).read_text(encoding="utf-8"))
-    assert raw["data"] == "datasets/culture" and raw["catalog"] == "data/entities.json"
+    assert (raw["data"], raw["catalog"]) in {("datasets/culture", "data/entities.json"),
+                                             ("demo/dataset", "demo/catalog.json")}
     raw.update(data=str(dataset_root), catalog=CATALOG)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
@@ -445,6 +446,10 @@ def test_shipped_series_files_are_valid(dataset, tmp_path):
     series = load_series(shipped("ablations.yaml", dataset[0], tmp_path))
     runs, mixes = plan(series, tmp_path / "b")
     assert series.group("base-candidates").prompt == "candidates"
+    # The reference-pictures baseline records the pictures it shows: one training picture per entity.
+    references = next(r for r in runs if r.name == "base-references").settings["eval"]["references"]
+    assert [label.split(" (")[0] for _, label in references] == ["Чебурашка", "Старуха Шапокляк", "Колобок", "Пикачу"]
+    assert all(Path(path).is_file() and "/train/" in path for path, _ in references)
     default = series.group("default")
     changed = {g.name: sorted(k for k in g.train if g.train[k] != default.train[k]) + (["mix"] if g.mix != default.mix else [])
                for g in series.groups if g.kind == "variant" and g is not default}
@@ -455,3 +460,18 @@ def test_shipped_series_files_are_valid(dataset, tmp_path):
     result = CliRunner().invoke(command, [str(tmp_path / "ablations.yaml"), "--out", str(tmp_path / "b"), "--dry-run"])
     assert result.exit_code == 0 and "mix-negatives-s2: new" in result.output
     assert not (tmp_path / "b").exists()  # a dry run writes nothing
+
+
+def test_tiny_offline_series_pits_the_two_shipped_bases_against_each_other(dataset, tmp_path):
+    """The offline stand-in for 3B vs 7B: the demo base against the larger one, trained alike."""
+    from mlx_cultvlm.demo import BASE_DIR, LARGE_BASE_DIR
+
+    series = load_series(shipped("tiny-offline.yaml", dataset[0], tmp_path))
+    runs, _ = plan(series, tmp_path / "t")
+    small, large = series.group("small"), series.group("large")
+    assert (Path(small.model).resolve(), Path(large.model).resolve()) == (BASE_DIR, LARGE_BASE_DIR)
+    assert {k: v for k, v in small.train.items() if k != "model"} == {k: v for k, v in large.train.items() if k != "model"}
+    assert len(series.seeds) >= 3 and large.compare_with == "small"
+    assert (small.baseline, large.baseline) == ("base-small", "base-large")
+    assert [g.prompt for g in series.groups if g.kind == "baseline"] == ["plain", "plain", "candidates", "reference_images"]
+    assert len(runs) == 4 + 2 * len(series.seeds)
