@@ -26,7 +26,9 @@ def source_folder(root: Path) -> Path:
     return root
 
 
-def test_add_new_entity_copies_only_images(tmp_path):
+def test_add_new_entity_copies_only_images(tmp_path, monkeypatch):
+    monkeypatch.delenv("GIGACHAT_CREDENTIALS", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./.env with credentials either
     src = source_folder(tmp_path / "src")
     catalog, images = tmp_path / "data" / "entities.json", tmp_path / "data" / "images"
     result = run("gena", "--name", "Крокодил Гена", "--name", "Гена", "--name-en", "Gena the Crocodile",
@@ -39,7 +41,7 @@ def test_add_new_entity_copies_only_images(tmp_path):
     assert "skipped 2 file(s)" in result.output
     assert f"{src / 'broken.jpg'}: empty file (0 bytes)" in result.output
     assert f"{src / 'notes.txt'}: not an image Pillow can read" in result.output
-    for step in ("cultvlm data check", "cultvlm data caption", "cultvlm data build"):
+    for step in ("cultvlm data check", "cultvlm data caption --provider offline", "cultvlm data build"):
         assert step in result.output
     entity = load_catalog(catalog)["gena"]
     assert entity.names == {"ru": ["Крокодил Гена", "Гена"], "en": ["Gena the Crocodile"]}
@@ -130,3 +132,14 @@ def test_errors_leave_everything_untouched(tmp_path):
                  "--images-root", str(images))
     assert result.exit_code == 1 and "'id' must be" in result.output
     assert not images.exists()
+
+
+def test_the_next_steps_caption_with_gigachat_only_when_it_has_credentials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GIGACHAT_CREDENTIALS", raising=False)
+    (tmp_path / ".env").write_text("GIGACHAT_CREDENTIALS=c2VjcmV0\n")
+    result = run("gena", "--name", "Гена", "--catalog", str(tmp_path / "entities.json"),
+                 "--images-root", str(tmp_path / "images"))
+    assert result.exit_code == 0, result.output
+    assert "cultvlm data caption --images" in result.output and "--provider offline" not in result.output
+    assert "c2VjcmV0" not in result.output  # the secret is never printed

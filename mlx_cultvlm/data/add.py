@@ -142,8 +142,13 @@ def next_steps(catalog_path: str, images_root: str) -> list[str]:
         flags += f" --images {images_root}"
     if catalog_path != DEFAULT_CATALOG:
         flags += f" --catalog {catalog_path}"
+    from .caption import environment
+
+    # Without credentials the default provider (GigaChat) would only stop with an error.
+    caption = ("cultvlm data caption" if environment().get("GIGACHAT_CREDENTIALS")
+               else "cultvlm data caption --provider offline")
     return [f"cultvlm data check{flags}          # decode everything, find duplicates",
-            f"cultvlm data caption{flags}        # optional: describe each picture",
+            f"{caption}{flags}        # optional: describe each picture",
             f"cultvlm data build --out datasets/culture{flags}"]
 
 
