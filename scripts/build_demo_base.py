@@ -4,6 +4,7 @@ weights of a real model that knows Mickey Mouse but not Cheburashka.
 
     python scripts/build_demo_base.py [--out data/demo_base] [--work DIR]
     python scripts/build_demo_base.py --check      # rebuild in a temp folder, compare bytes
+                                                   # (44 min here with OpenBLAS preloaded: identical)
     python scripts/build_demo_base.py --size large # the larger base (data/demo_base_large), on the
                                                    # small base's vision tower: language stage only
 
