@@ -113,8 +113,10 @@ UPDATE_COPIES = 2.0  # LoRA-parameter-sized float32 tensors alive in the update 
 FRESH_MOMENTS = 2.0  # + the two AdamW moments a fresh optimizer creates in its first update
 INFER_H, INFER_I, INFER_SCORES = 5.85, 3.52, 1.21  # one layer's forward transient in a prefill chunk
 FIXED = 243_000  # small arrays: position ids, masks, rope tables, ... (bytes)
-LOSS_ROWS_BUCKET = 32  # lora.step_inputs pads the target rows to a multiple of this
-SEQ_BUCKET = 32  # samples.make_batch pads sequences to a multiple of this
+# A compiled training step pads target rows and sequences to multiples of 32 (lora.COMPILED_PAD);
+# the default, uncompiled one pads to the longest sample only: these make the plan an upper bound.
+LOSS_ROWS_BUCKET = 32
+SEQ_BUCKET = 32
 KV_STEP = 256  # mlx-lm's KV cache grows in steps of this many tokens
 PREFILL_CHUNK = 2048  # mlx-vlm's prefill step
 

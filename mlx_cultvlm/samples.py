@@ -212,10 +212,10 @@ class Batch:
         return int(self.loss_mask.sum())
 
 
-def make_batch(samples: list[Sample], encoder: SampleEncoder, pad_to_multiple: int = 32,
+def make_batch(samples: list[Sample], encoder: SampleEncoder, pad_to_multiple: int = 1,
                pixels: bool = True) -> Batch:
-    """Right-pad to a common length (rounded up, so compiled steps see few distinct shapes)
-    and preprocess every image at the size its sample was encoded with. `pixels=False` skips
+    """Right-pad to the longest sample (rounded up to `pad_to_multiple`, so that a compiled step
+    sees few distinct shapes) and preprocess every image at the size its sample was encoded with. `pixels=False` skips
     the images (their grid still comes from the sizes): for features taken from a cache."""
     length = max(len(s.input_ids) for s in samples)
     length = -(-length // pad_to_multiple) * pad_to_multiple
