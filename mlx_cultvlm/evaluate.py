@@ -67,8 +67,9 @@ def items_for_image(image: str, sha256: str, entity: Entity | None, catalog: dic
     return items
 
 
-def items_from_dataset(data: Path, split: str, catalog: dict[str, Entity]) -> list[dict]:
-    """One probe set per distinct image of the split (a dataset line's meta names its entity)."""
+def dataset_pictures(data: Path, split: str, catalog: dict[str, Entity]) -> dict[str, tuple[str, str]]:
+    """sha256 -> (image path, entity id) of each distinct image of the split (a dataset line's
+    meta names its entity)."""
     from .samples import read_jsonl as read_dataset, resolve_image
 
     path = data / f"{split}.jsonl"
@@ -82,7 +83,12 @@ def items_from_dataset(data: Path, split: str, catalog: dict[str, Entity]) -> li
         image = resolve_image(data, record["images"][0], where)
         sha = meta.get("sha256") or _sha256(image)
         images.setdefault(sha, (str(image), meta["entity"]))
-    return [item for sha, (image, entity) in sorted(images.items())
+    return images
+
+
+def items_from_dataset(data: Path, split: str, catalog: dict[str, Entity]) -> list[dict]:
+    """One probe set per distinct image of the split."""
+    return [item for sha, (image, entity) in sorted(dataset_pictures(data, split, catalog).items())
             for item in items_for_image(image, sha, catalog[entity], catalog)]
 
 
@@ -90,20 +96,12 @@ def reference_pictures(data: Path, catalog: dict[str, Entity], split: str = "tra
     """[image path, label] of one picture per entity of the split, in catalog order: the first by
     sha256 (a prompting baseline shows them before every question; training pictures, so a
     leak-free dataset never shows a test picture)."""
-    from .samples import read_jsonl as read_dataset, resolve_image
-
-    path = data / f"{split}.jsonl"
-    first: dict[str, tuple[str, str]] = {}
-    for lineno, record in read_dataset(path):
-        meta = record.get("meta") or {}
-        if record.get("images") and meta.get("entity") in catalog:
-            image = resolve_image(data, record["images"][0], f"{path}:{lineno}")
-            key = (meta.get("sha256") or _sha256(image), str(image))
-            first[meta["entity"]] = min(first.get(meta["entity"], key), key)
+    first: dict[str, str] = {}
+    for sha, (image, entity) in sorted(dataset_pictures(data, split, catalog).items()):
+        first.setdefault(entity, image)
     if not first:
-        raise CultvlmError(f"{path}: no pictures of catalog entities to show as references")
-    return [[first[e][1], f"{entity.name('ru')} ({entity.name('en')})"]
-            for e, entity in catalog.items() if e in first]
+        raise CultvlmError(f"{data / f'{split}.jsonl'}: no pictures of catalog entities to show as references")
+    return [[first[e], f"{entity.name('ru')} ({entity.name('en')})"] for e, entity in catalog.items() if e in first]
 
 
 def items_from_folder(folder: Path, catalog: dict[str, Entity]) -> list[dict]:

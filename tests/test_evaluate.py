@@ -115,6 +115,7 @@ def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4
     with pytest.raises(CultvlmError, match="other settings \\(references\\)"):
         run_eval(tiny_4bit, tmp_path / "refs", root, references=references[:2])
 
+
 def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     root, items = dataset
     base = run_eval(tiny_4bit, tmp_path / "base", root)
