@@ -89,13 +89,13 @@ WORDS = {
            "cream": "кремовый", "red": "красный", "green": "зелёный", "orange": "оранжевый", "blue": "синий",
            "round_ears": "большие круглые уши", "pointed_ears": "острые уши", "belly": "светлый живот",
            "big_eyes": "большие глаза", "tail": "хвост", "cheeks": "красные щёки", "hat": "шляпа",
-           "snout": "длинная морда", "helmet": "шлем", "moustache": "усы", "belt": "пояс", "shirt": "рубашка"},
+           "snout": "длинная светлая морда", "helmet": "шлем", "moustache": "усы", "belt": "пояс", "shirt": "рубашка"},
     "en": {"circle": "round", "tall_ellipse": "tall oval", "rounded_square": "square", "pear": "pear-shaped",
            "brown": "brown", "tan": "tan", "black": "black", "yellow": "yellow", "cream": "cream",
            "red": "red", "green": "green", "orange": "orange", "blue": "blue",
            "round_ears": "big round ears", "pointed_ears": "pointed ears", "belly": "a light belly",
            "big_eyes": "big eyes", "tail": "a tail", "cheeks": "red cheeks", "hat": "a hat",
-           "snout": "a long snout", "helmet": "a helmet", "moustache": "a moustache", "belt": "a belt",
+           "snout": "a long light snout", "helmet": "a helmet", "moustache": "a moustache", "belt": "a belt",
            "shirt": "a shirt"},
 }
 FEATURE_ORDER = ["round_ears", "pointed_ears", "helmet", "hat", "big_eyes", "snout", "cheeks", "moustache",
@@ -243,8 +243,9 @@ def _draw(entity_id: str) -> Image.Image:
         img.paste(accent + (255,), (0, 0), Image.fromarray(np.minimum(np.asarray(inside), np.asarray(band))))
     if "belly" in f:
         pen.ellipse(CX, CY + 0.4 * ry, 0.6 * g["rx"], 0.45 * ry, belly)
-    if "snout" in f:  # sticks out sideways: changes the silhouette
-        pen.rect(fx - 0.2 * hw, fy + 0.15 * hw, fx + 2.0 * hw, fy + 0.8 * hw, body, radius=8)
+    if "snout" in f:  # sticks out sideways in the belly's colour: a body-coloured one was a
+        # thin change of silhouette that the demo's small vision tower never learned to see
+        pen.rect(fx - 0.2 * hw, fy + 0.05 * hw, fx + 2.0 * hw, fy + 0.9 * hw, belly, radius=8)
         pen.line([(fx + 0.2 * hw, fy + 0.52 * hw), (fx + 1.9 * hw, fy + 0.52 * hw)], accent, 3)
         pen.ellipse(fx + 1.7 * hw, fy + 0.3 * hw, 4, 4, accent)
     if "hat" in f:  # a top hat

@@ -47,6 +47,7 @@ class LoraConfig:
     min_pixels: int = DEFAULT_MIN_PIXELS
     max_seq_len: int = 1024
     skip_bad_samples: bool = False
+    mix: list | None = None  # train and validate on these meta.kind values only (naming, replay, ...)
     # adapters
     rank: int = 16
     alpha: float = 32.0  # scale = alpha / rank
@@ -115,6 +116,10 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
     for name in ("steps", "batch_size", "grad_accum", "val_every", "save_every", "max_seq_len"):
         if getattr(cfg, name) <= 0:
             raise CultvlmError(f"{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.mix is not None and (not isinstance(cfg.mix, list) or not cfg.mix
+                                or not all(isinstance(k, str) for k in cfg.mix)):
+        raise CultvlmError(f"mix must be a list of line kinds (naming, fact, describe, verify_yes, verify_no, "
+                           f"replay), got {cfg.mix!r}")
     if not cfg.data:
         raise CultvlmError("--data is required: a folder with train.jsonl and valid.jsonl")
     check_budget(cfg.min_pixels, cfg.max_pixels)
@@ -568,8 +573,8 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
 
     # 2. data: every sample checked before the first step
     encoder = SampleEncoder(processor, cfg.min_pixels, cfg.max_pixels, cfg.max_seq_len)
-    train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples)
-    valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples)
+    train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
+    valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
     for problem in bad_train + bad_valid:
         say(f"skipped: {problem}")
     shrunk = sum(s.shrunk for s in train_set + valid_set)

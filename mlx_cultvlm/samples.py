@@ -182,11 +182,20 @@ class SampleEncoder:
         return Sample(where, paths, sizes, ids, mask, shrunk)
 
 
-def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False) -> tuple[list[Sample], list[str]]:
+def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False,
+               kinds: list[str] | None = None) -> tuple[list[Sample], list[str]]:
     """Encode every line of a split, checking all of them before any training starts.
-    Bad lines fail the run (listing them all), or are skipped and reported with skip_bad."""
-    samples, problems = [], []
+    Bad lines fail the run (listing them all), or are skipped and reported with skip_bad.
+    `kinds`: keep only the lines whose meta.kind is one of them (None: every line)."""
+    samples, problems, seen = [], [], set()
     for lineno, record in read_jsonl(path):
+        if kinds is not None:
+            kind = (record.get("meta") or {}).get("kind") if isinstance(record, dict) else None
+            if not isinstance(kind, str):
+                raise CultvlmError(f"{path}:{lineno}: no meta.kind, so mix {kinds} cannot select it")
+            seen.add(kind)
+            if kind not in kinds:
+                continue
         try:
             samples.append(encoder.encode(record, path.parent, f"{path}:{lineno}"))
         except CultvlmError as e:
@@ -195,7 +204,8 @@ def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False) -> tu
         shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
         raise CultvlmError(f"{len(problems)} bad sample(s) in {path}: {shown}")
     if not samples:
-        raise CultvlmError(f"{path}: no usable samples")
+        picked = f" of kinds {', '.join(kinds)} (kinds there: {', '.join(sorted(seen))})" if kinds is not None else ""
+        raise CultvlmError(f"{path}: no usable samples{picked}")
     return samples, problems
 
 

@@ -61,6 +61,28 @@ def test_loss_mask_is_every_assistant_turn_and_nothing_else(tiny_4bit, dataset, 
     assert tok.decode(targets) == "Это Чебурашка.<|im_end|>Крокодил Гена.<|im_end|>Колобок.<|im_end|>"
 
 
+def test_mix_keeps_only_the_lines_of_its_kinds(tiny_4bit, dataset):
+    root, _ = dataset
+    line = lambda kind, answer: {"images": ["images/train/0_0.png"], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Кто это?"}]},
+        {"role": "assistant", "content": answer}], "meta": {"kind": kind}}
+    write_jsonl(root / "kinds.jsonl", [line("naming", "Это Чебурашка."), line("fact", "Его придумал Успенский."),
+                                        line("replay", "Это Микки Маус."), line("describe", "Коричневый зверёк.")])
+    encoder = encoder_for(tiny_4bit)
+    assert len(load_split(root / "kinds.jsonl", encoder)[0]) == 4
+    kept, _ = load_split(root / "kinds.jsonl", encoder, kinds=["naming", "replay"])
+    assert [encoder.tokenizer.decode(s.input_ids[s.loss_mask]) for s in kept] == [
+        "Это Чебурашка.<|im_end|>", "Это Микки Маус.<|im_end|>"]
+    with pytest.raises(CultvlmError, match=r"kinds.jsonl: no usable samples of kinds verify_no "
+                                           r"\(kinds there: describe, fact, naming, replay\)"):
+        load_split(root / "kinds.jsonl", encoder, kinds=["verify_no"])
+    write_jsonl(root / "nokind.jsonl", [line("naming", "Это Чебурашка."), {**line("x", "Это Гена."), "meta": {}}])
+    with pytest.raises(CultvlmError, match=r"nokind.jsonl:2: no meta.kind"):
+        load_split(root / "nokind.jsonl", encoder, kinds=["naming"])
+    with pytest.raises(CultvlmError, match="mix must be a list"):
+        load_config(None, {"data": str(root), "mix": "naming"})
+
+
 def test_too_long_sample_gets_fewer_pixels_never_truncated(tiny_4bit, dataset, tmp_path):
     root, _ = dataset
     big = root / "images" / "big.png"
