@@ -74,8 +74,8 @@ import click
 from .errors import CultvlmError
 from .files import partial_folder, replace_folder, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
+from .samples import MIX_KINDS
 
-MIX_KINDS = ("naming", "fact", "describe", "verify_yes", "verify_no", "replay")  # data/build.py
 PROMPTS = ("plain", "candidates", "reference_images")
 SERIES_KEYS = ("name", "description", "data", "catalog", "models_dir", "eval", "defaults", "seeds",
                "baselines", "variants")

@@ -28,7 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .errors import CultvlmError
 from .files import write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
-from .samples import Batch, Sample, SampleEncoder, load_split, make_batch, preprocess
+from .samples import MIX_KINDS, Batch, Sample, SampleEncoder, load_split, make_batch, preprocess
 
 TEXT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VISION_LINEARS = {"merger": ["merger.mlp.0", "merger.mlp.2"],
@@ -118,8 +118,7 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
             raise CultvlmError(f"{name} must be positive, got {getattr(cfg, name)}")
     if cfg.mix is not None and (not isinstance(cfg.mix, list) or not cfg.mix
                                 or not all(isinstance(k, str) for k in cfg.mix)):
-        raise CultvlmError(f"mix must be a list of line kinds (naming, fact, describe, verify_yes, verify_no, "
-                           f"replay), got {cfg.mix!r}")
+        raise CultvlmError(f"mix must be a list of line kinds ({', '.join(MIX_KINDS)}), got {cfg.mix!r}")
     if not cfg.data:
         raise CultvlmError("--data is required: a folder with train.jsonl and valid.jsonl")
     check_budget(cfg.min_pixels, cfg.max_pixels)

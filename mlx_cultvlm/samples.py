@@ -182,6 +182,10 @@ class SampleEncoder:
         return Sample(where, paths, sizes, ids, mask, shrunk)
 
 
+# The meta.kind values `data build` writes (data/build.py); `mix` selects among them.
+MIX_KINDS = ("naming", "fact", "describe", "verify_yes", "verify_no", "replay")
+
+
 def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False,
                kinds: list[str] | None = None) -> tuple[list[Sample], list[str]]:
     """Encode every line of a split, checking all of them before any training starts.

@@ -13,8 +13,9 @@ Stages (every one seeded; the same machine and BLAS give the same bytes):
   1. a tiny checkpoint in Hugging Face layout (mlx_cultvlm.tiny, DEMO_SPEC), converted to MLX float32;
   2. vision pre-training, in three phases: the vision tower + merger learn to tell the nine demo
      characters apart (a classifier on the mean of the merged image tokens, pictures drawn on the
-     fly from seeds the demo's own data never uses; held-out accuracy per character logged). A real VLM's vision encoder has seen such characters; what
-     it lacks is their names -- so the tower is taught to see, not to name;
+     fly from seeds the demo's own data never uses; held-out accuracy per character logged). A
+     real VLM's vision encoder has seen such characters; what it lacks is their names -- so the
+     tower is taught to see, not to name;
   3. language stage, with the project's own `lora.train` and `fuse`: the frozen-vision model
      learns the controls' names and a generic answer for the targets, then the adapters are
      merged into the base.
