@@ -149,14 +149,44 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
                      max_pixels: int, references: list[list[str]] = ()) -> list[str]:
     """Greedy answers for a batch of items, one image each (after the [path, label] reference
     pictures, if any); each picture is loaded and encoded once however many of its questions
-    the batch holds."""
+    the batch holds. On the CPU the pictures are shared out among the cores, one thread and
+    batch each: MLX runs a CPU stream on one core, and the rows of a batch are independent."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlx.core as mx
+
     from .generate import batch_answers
 
     pictures = {path: fit_to_budget(load_image(path), min_pixels, max_pixels)
                 for path in dict.fromkeys([*(path for path, _ in references), *(item["image"] for item in items)])}
-    answers = batch_answers(model, processor, [pictures[i["image"]] for i in items], [i["prompt"] for i in items],
-                            max_tokens, [(pictures[path], label) for path, label in references])
-    return [text.strip() for text in answers]
+    shown = [(pictures[path], label) for path, label in references]
+    distinct = list(dict.fromkeys(item["image"] for item in items))
+    workers = min(len(distinct), cpu_cores()) if mx.default_device() == mx.cpu else 1
+    worker_of = {image: k % workers for k, image in enumerate(distinct)}
+    groups = [[k for k, item in enumerate(items) if worker_of[item["image"]] == w] for w in range(workers)]
+
+    def answer(group: list[int]) -> list[str]:
+        return batch_answers(model, processor, [pictures[items[k]["image"]] for k in group],
+                             [items[k]["prompt"] for k in group], max_tokens, shown)
+
+    if workers == 1:
+        texts = [answer(groups[0])]
+    else:
+        mx.eval(model.parameters())  # a thread may only read arrays that already hold values
+        with ThreadPoolExecutor(workers) as pool:
+            texts = list(pool.map(answer, groups))
+    answers = [""] * len(items)
+    for group, group_texts in zip(groups, texts):
+        for k, text in zip(group, group_texts):
+            answers[k] = text.strip()
+    return answers
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def evaluate(model: str, out: str | Path, data: str | None = None, images: str | None = None,
@@ -170,7 +200,7 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     `references` are [image path, label] pictures shown before every question's picture."""
     from tqdm import tqdm
 
-    from .generate import load_model
+    from .generate import float32_language_model_on_cpu, load_model
     from .metrics import compute_metrics
     from .score import AnswerScorer
 
@@ -199,6 +229,7 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     todo = [i for i in items if i["item_id"] not in done]
     if todo:
         model_obj, processor = load_model(model, adapter, models_root)
+        float32_language_model_on_cpu(model_obj)
         scorer = AnswerScorer(catalog)
         # Same-sized images batch together; sorting by size keeps batches uniform.
         todo.sort(key=lambda i: (_image_size(i["image"], min_pixels, max_pixels), i["item_id"]))

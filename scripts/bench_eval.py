@@ -1,10 +1,11 @@
 """Evaluation speed: the same probe items answered one by one and in batches.
 
-    python scripts/bench_eval.py [--items 40] [--batch-size 20] [--max-tokens 32] [--save]
+    python scripts/bench_eval.py [--items 40] [--batch-size 20] [--max-tokens 32] [--repeats 3] [--save]
 
 Three models, each asked the same probe questions (every question kind the evaluation asks,
-five per picture) greedily, once through `cultvlm generate`'s one-by-one streaming path and once
-through `cultvlm eval`'s batched path:
+five per picture) greedily through `cultvlm generate`'s one-by-one streaming path and through
+`cultvlm eval`'s batched path, the latter on one CPU core and on every core (as eval runs it),
+each path --repeats times; the language model in float32 on the CPU, as both commands run it:
 
 - `demo_base`: the shipped demo base (data/demo_base, a trained tiny model, float32) on drawn
   demo characters at the demo's pixel budget -- answers end on their own, as a real model's do;
@@ -12,8 +13,9 @@ through `cultvlm eval`'s batched path:
   pictures -- their answers never end, so every item runs to --max-tokens (the worst case for
   batching: decoding dominates and nothing is shared).
 
-Prints one JSON line (and with --save writes docs/bench_eval.json): items/s for each path, the
-speedup, and whether every answer is identical.
+Prints one JSON line (and with --save writes docs/bench_eval.json): items/s of each path from
+its median time, the speedup of the batched path over the one-by-one path (and on one core), and
+whether every answer of every run is identical.
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlx_cultvlm import characters
+from mlx_cultvlm import characters, evaluate
 from mlx_cultvlm.convert import convert
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
-from mlx_cultvlm.evaluate import generate_answers, items_for_image
-from mlx_cultvlm.generate import load_model, stream_answer
+from mlx_cultvlm.evaluate import items_for_image
+from mlx_cultvlm.generate import float32_language_model_on_cpu, load_model, stream_answer
 from mlx_cultvlm.tiny import TinySpec, build_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,21 +68,45 @@ def probe_items(pictures: list[tuple[Path, str]], catalog, n: int) -> list[dict]
             for i in items_for_image(str(path), f"{k:064x}", catalog[entity], catalog)][:n]
 
 
-def measure(model_dir: Path, items: list[dict], batch_size: int, max_tokens: int, max_pixels: int) -> dict:
+def batched(model, processor, items: list[dict], batch_size: int, max_tokens: int, max_pixels: int,
+            cores: int) -> list[str]:
+    """`cultvlm eval`'s path, its batches shared out among `cores` CPU cores."""
+    real, evaluate.cpu_cores = evaluate.cpu_cores, lambda: cores
+    try:
+        return [answer for b in range(0, len(items), batch_size)
+                for answer in evaluate.generate_answers(model, processor, items[b:b + batch_size], max_tokens,
+                                                        3136, max_pixels)]
+    finally:
+        evaluate.cpu_cores = real
+
+
+def measure(model_dir: Path, items: list[dict], batch_size: int, max_tokens: int, max_pixels: int,
+            repeats: int) -> dict:
+    """The one-by-one path, the batched path on one core and on every core, `repeats` times
+    each, alternating; items/s from the median time of each."""
     model, processor = load_model(str(model_dir))
+    float32_language_model_on_cpu(model)
     stream_answer(model, processor, items[0]["image"], items[0]["prompt"], max_tokens=4)  # warm up
-    start = time.perf_counter()
-    single = ["".join(stream_answer(model, processor, i["image"], i["prompt"], max_tokens=max_tokens,
-                                    max_pixels=max_pixels)).strip() for i in items]
-    one_s = time.perf_counter() - start
-    start = time.perf_counter()
-    batched = []
-    for b in range(0, len(items), batch_size):
-        batched += generate_answers(model, processor, items[b:b + batch_size], max_tokens, 3136, max_pixels)
-    batch_s = time.perf_counter() - start
-    return {"one_by_one_items_per_s": len(items) / one_s, "batched_items_per_s": len(items) / batch_s,
-            "speedup": one_s / batch_s, "identical_answers": single == batched,
-            "identical_count": sum(a == b for a, b in zip(single, batched)),
+    paths = {"one_by_one": lambda: ["".join(stream_answer(model, processor, i["image"], i["prompt"],
+                                                          max_tokens=max_tokens, max_pixels=max_pixels)).strip()
+                                    for i in items],
+             "batched_one_core": lambda: batched(model, processor, items, batch_size, max_tokens, max_pixels, 1),
+             "batched": lambda: batched(model, processor, items, batch_size, max_tokens, max_pixels,
+                                        evaluate.cpu_cores())}
+    seconds, answers = {name: [] for name in paths}, {name: [] for name in paths}
+    for _ in range(repeats):
+        for name, run in paths.items():
+            start = time.perf_counter()
+            answers[name].append(run())
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    single = answers["one_by_one"][0]
+    runs = answers["one_by_one"][1:] + answers["batched_one_core"] + answers["batched"]
+    return {**{f"{name}_items_per_s": len(items) / median[name] for name in paths},
+            "speedup": median["one_by_one"] / median["batched"],
+            "speedup_one_core": median["one_by_one"] / median["batched_one_core"], "seconds": seconds,
+            "identical_answers": all(run == single for run in runs),
+            "identical_count": min(sum(a == b for a, b in zip(single, run)) for run in runs),
             "mean_answer_chars": float(np.mean([len(a) for a in single])), "example_answer": single[0]}
 
 
@@ -89,9 +115,11 @@ def main():
     parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each path; the median counts")
     parser.add_argument("--save", action="store_true", help="also write docs/bench_eval.json")
     args = parser.parse_args()
     result = {"bench": "eval", "items": args.items, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
+              "repeats": args.repeats, "cpu_cores": evaluate.cpu_cores(),
               "machine": {"platform": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device())}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -100,7 +128,7 @@ def main():
         drawn = characters.write_images(tmp / "drawn", per_entity=2, seed=12345, size=IMAGE_SIZE)
         pictures = [(p, entity) for entity, paths in drawn.items() for p in paths]
         items = probe_items(pictures, load_catalog(demo_catalog), args.items)
-        result["demo_base"] = measure(BASE_DIR, items, args.batch_size, args.max_tokens, IMAGE_SIZE ** 2) | {
+        result["demo_base"] = measure(BASE_DIR, items, args.batch_size, args.max_tokens, IMAGE_SIZE ** 2, args.repeats) | {
             "max_pixels": IMAGE_SIZE ** 2}
 
         catalog = load_catalog(ROOT / "data" / "entities.json")
@@ -108,7 +136,7 @@ def main():
         for name, spec in RANDOM_MODELS.items():
             hf = build_tiny_qwen(tmp / f"{name}-hf", spec)
             model_dir = convert("tiny-4bit", hf_path=str(hf), out=tmp / f"{name}-4bit")
-            result[name] = measure(model_dir, items, args.batch_size, args.max_tokens, 224 * 224) | {
+            result[name] = measure(model_dir, items, args.batch_size, args.max_tokens, 224 * 224, args.repeats) | {
                 "max_pixels": 224 * 224}
     line = json.dumps(result, ensure_ascii=False)
     print(line)

@@ -12,8 +12,8 @@ from conftest import PIXELS
 from mlx_cultvlm.cli import main
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.errors import CultvlmError
-from mlx_cultvlm.evaluate import QUESTIONS, evaluate, generate_answers, items_from_dataset
-from mlx_cultvlm.generate import load_model, stream_answer
+from mlx_cultvlm.evaluate import QUESTIONS, cpu_cores, evaluate, generate_answers, items_from_dataset
+from mlx_cultvlm.generate import float32_language_model_on_cpu, load_model, stream_answer
 
 CATALOG = str(Path(__file__).resolve().parent.parent / "data" / "entities.json")
 
@@ -39,10 +39,16 @@ def test_probe_set_is_fixed_and_complete(dataset):
     assert cheb["asked_about"] == "mickey_mouse" and "Микки Маус" in cheb["prompt"]
 
 
-def test_batched_answers_equal_one_by_one(tiny_4bit, dataset):
+@pytest.mark.parametrize("cores", [1, 3])
+def test_batched_answers_equal_one_by_one(tiny_4bit, dataset, monkeypatch, cores):
+    """Whether the batch runs whole or shared out among CPU cores (one thread each), and with
+    the language model in float32 as `cultvlm eval` runs it on the CPU."""
     root, _ = dataset
-    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:10]
+    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:15]
+    assert len({p["image"] for p in probe}) >= cores
     model, processor = load_model(str(tiny_4bit))  # random weights: long, fragile answers
+    float32_language_model_on_cpu(model)
+    monkeypatch.setattr(evaluate_module, "cpu_cores", lambda: cores)
     batched = generate_answers(model, processor, probe, 24, 3136, PIXELS)
     one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24,
                                         max_pixels=PIXELS)).strip() for p in probe]
@@ -52,8 +58,9 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset):
 
 def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_path, monkeypatch):
     """Every question about four drawn characters, asked the shipped demo base in one batch: the
-    vision tower sees each picture once, rows whose answers end early leave the batch, and every
-    answer equals the one-by-one path's."""
+    vision tower sees each picture once (in one pass per CPU core the pictures are shared out
+    to), rows whose answers end early leave the batch, and every answer equals the one-by-one
+    path's."""
     import mlx_cultvlm.lora as lora_module
     from mlx_cultvlm import characters
     from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
@@ -71,7 +78,8 @@ def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_
     monkeypatch.setattr(lora_module, "image_features",
                         lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
     batched = generate_answers(model, processor, probe, 24, 3136, IMAGE_SIZE ** 2)
-    assert encoded == [4] and len(probe) > 4
+    assert sum(encoded) == 4 and len(encoded) == min(4, cpu_cores())
+    assert len(probe) > 4
     one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24,
                                         max_pixels=IMAGE_SIZE ** 2)).strip() for p in probe]
     assert batched == one_by_one
@@ -83,7 +91,7 @@ def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_
 def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4bit, dataset, tmp_path, monkeypatch):
     """The reference-pictures baseline: one training picture per entity (catalog order, never a
     test picture), labelled, before each question's picture. The references go through the
-    vision tower once per batch; answers equal mlx-vlm's one-by-one generation with the same
+    vision tower once per batch (one per CPU core); answers equal mlx-vlm's one-by-one generation with the same
     pictures and prompt; run.json records them, so another choice of references is another run."""
     import mlx_cultvlm.lora as lora_module
     from mlx_cultvlm.evaluate import reference_pictures
@@ -104,7 +112,8 @@ def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4
                         lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
     batched = generate_answers(model, processor, probe, 24, 3136, PIXELS, references)
     pictures = len({p["image"] for p in probe})
-    assert encoded == [len(references) + pictures]
+    workers = min(pictures, cpu_cores())  # each one's batch shows the references once
+    assert len(encoded) == workers and sum(encoded) == workers * len(references) + pictures
     one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24, max_pixels=PIXELS,
                                         references=references)).strip() for p in probe]
     assert batched == one_by_one
