@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 from click.testing import CliRunner
 
@@ -48,6 +49,8 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset, monkeypatch, cores
     assert len({p["image"] for p in probe}) >= cores
     model, processor = load_model(str(tiny_4bit))  # random weights: long, fragile answers
     float32_language_model_on_cpu(model)
+    assert model.language_model.model.layers[0].mlp.gate_proj.scales.dtype == mx.float32  # was bfloat16
+    assert model.vision_tower.patch_embed.proj.weight.dtype == mx.bfloat16  # unquantized: left as it is
     monkeypatch.setattr(evaluate_module, "cpu_cores", lambda: cores)
     batched = generate_answers(model, processor, probe, 24, 3136, PIXELS)
     one_by_one = ["".join(stream_answer(model, processor, p["image"], p["prompt"], max_tokens=24,
