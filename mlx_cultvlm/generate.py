@@ -138,18 +138,18 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
     # together, so no padding is computed; their keys and values then join the others' with
     # masked zeros between the picture and the question (positions are already in the keys).
     P, S = cache[0].offset, max(map(len, tails))
-    lengths = np.array([len(t) for t in tails])
+    lengths, picture = np.array([len(t) for t in tails]), np.array(picture)
     parts = [[] for _ in cache], [[] for _ in cache]  # per layer: each group's keys, values
     rows_in_order, last = [], []
     for length in sorted(set(lengths.tolist())):
         rows = np.nonzero(lengths == length)[0]
-        pics = mx.array(np.array(picture)[rows])
+        pics = picture[rows]
         group = [KVCache() for _ in cache]
         for g, c in zip(group, cache):
-            g.keys, g.values, g.offset = c.keys[pics, :, :P], c.values[pics, :, :P], P
-        position = after_image[np.array(picture)[rows]][:, None] + np.arange(length)
+            g.keys, g.values, g.offset = c.keys[mx.array(pics), :, :P], c.values[mx.array(pics), :, :P], P
+        position = after_image[pics][:, None] + np.arange(length)
         h = lm.model(mx.array([tails[r] for r in rows]),
-                     mask=attention_mask(valid_head[np.array(picture)[rows]], np.ones((len(rows), length), bool)),
+                     mask=attention_mask(valid_head[pics], np.ones((len(rows), length), bool)),
                      cache=group, position_ids=mx.array(np.broadcast_to(position[None], (3, len(rows), length))))
         last.append(h[:, -1])
         gap = S - length
