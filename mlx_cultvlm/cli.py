@@ -123,7 +123,8 @@ def fuse(model, adapter, out, dequantize, models_dir, force):
 @click.option("--catalog", default="data/entities.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(file_okay=False), help="the base model's run folder: adds control retention")
 @click.option("--batch-size", type=int, default=20, show_default=True,
-              help="items generated together (a picture's five questions share its encoding)")
+              help="items generated together (a picture's five questions share its encoding; "
+                   "on the CPU each core takes whole pictures)")
 @click.option("--max-tokens", type=int, default=48, show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS, show_default=True)
