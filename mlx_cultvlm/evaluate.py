@@ -157,6 +157,8 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
 
     from .generate import batch_answers
 
+    if not items:
+        return []
     pictures = {path: fit_to_budget(load_image(path), min_pixels, max_pixels)
                 for path in dict.fromkeys([*(path for path, _ in references), *(item["image"] for item in items)])}
     shown = [(pictures[path], label) for path, label in references]

@@ -57,6 +57,7 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset, monkeypatch, cores
                                         max_pixels=PIXELS)).strip() for p in probe]
     assert batched == one_by_one
     assert len(set(batched)) > 1
+    assert generate_answers(model, processor, [], 24, 3136, PIXELS) == []
 
 
 def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_path, monkeypatch):
