@@ -15,6 +15,7 @@ without redoing finished items.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -151,8 +152,6 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
     pictures, if any); each picture is loaded and encoded once however many of its questions
     the batch holds. On the CPU the pictures are shared out among the cores, one thread and
     batch each: MLX runs a CPU stream on one core, and the rows of a batch are independent."""
-    from concurrent.futures import ThreadPoolExecutor
-
     import mlx.core as mx
 
     from .generate import batch_answers
@@ -175,13 +174,21 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
         texts = [answer(groups[0])]
     else:
         mx.eval(model.parameters())  # a thread may only read arrays that already hold values
-        with ThreadPoolExecutor(workers) as pool:
-            texts = list(pool.map(answer, groups))
+        texts = list(_core_threads().map(answer, groups))
     answers = [""] * len(items)
     for group, group_texts in zip(groups, texts):
         for k, text in zip(group, group_texts):
             answers[k] = text.strip()
     return answers
+
+
+@functools.cache
+def _core_threads():
+    """One thread per core, kept for the whole process: MLX gives each thread a CPU stream of
+    its own, and a stream's worker outlives its thread (new threads per batch piled up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(cpu_cores(), thread_name_prefix="cultvlm-core")
 
 
 def cpu_cores() -> int:

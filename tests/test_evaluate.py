@@ -60,6 +60,24 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset, monkeypatch, cores
     assert generate_answers(model, processor, [], 24, 3136, PIXELS) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts native threads in /proc")
+def test_batches_reuse_their_threads(tiny_4bit, dataset, monkeypatch):
+    """MLX gives every thread a CPU stream whose worker outlives the thread, so batches shared
+    out among cores must reuse their threads: the process's native threads do not pile up."""
+    def native_threads():
+        return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("Threads:")))
+
+    root, _ = dataset
+    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:10]
+    model, processor = load_model(str(tiny_4bit))
+    monkeypatch.setattr(evaluate_module, "cpu_cores", lambda: 2)
+    generate_answers(model, processor, probe, 2, 3136, PIXELS)
+    before = native_threads()
+    for _ in range(4):
+        generate_answers(model, processor, probe, 2, 3136, PIXELS)
+    assert native_threads() == before
+
+
 def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_path, monkeypatch):
     """Every question about four drawn characters, asked the shipped demo base in one batch: the
     vision tower sees each picture once (in one pass per CPU core the pictures are shared out
