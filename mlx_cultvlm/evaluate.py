@@ -150,11 +150,12 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
                      max_pixels: int, references: list[list[str]] = ()) -> list[str]:
     """Greedy answers for a batch of items, one image each (after the [path, label] reference
     pictures, if any); each picture is loaded and encoded once however many of its questions
-    the batch holds. On the CPU the pictures are shared out among the cores, one thread and
-    batch each: MLX runs a CPU stream on one core, and the rows of a batch are independent."""
+    the batch holds. On the CPU the pictures are shared out among the cores, one stream and
+    batch each, run side by side: MLX runs a CPU stream on one core, and the rows of a batch
+    are independent."""
     import mlx.core as mx
 
-    from .generate import batch_answers
+    from .generate import answer_steps, run_side_by_side
 
     if not items:
         return []
@@ -165,16 +166,9 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
     workers = min(len(distinct), cpu_cores()) if mx.default_device() == mx.cpu else 1
     worker_of = {image: k % workers for k, image in enumerate(distinct)}
     groups = [[k for k, item in enumerate(items) if worker_of[item["image"]] == w] for w in range(workers)]
-
-    def answer(group: list[int]) -> list[str]:
-        return batch_answers(model, processor, [pictures[items[k]["image"]] for k in group],
-                             [items[k]["prompt"] for k in group], max_tokens, shown)
-
-    if workers == 1:
-        texts = [answer(groups[0])]
-    else:
-        mx.eval(model.parameters())  # a thread may only read arrays that already hold values
-        texts = list(_core_threads().map(answer, groups))
+    jobs = [answer_steps(model, processor, [pictures[items[k]["image"]] for k in group],
+                         [items[k]["prompt"] for k in group], max_tokens, shown) for group in groups]
+    texts = run_side_by_side(jobs, _cpu_streams(workers) if workers > 1 else None)
     answers = [""] * len(items)
     for group, group_texts in zip(groups, texts):
         for k, text in zip(group, group_texts):
@@ -183,12 +177,12 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
 
 
 @functools.cache
-def _core_threads():
-    """One thread per core, kept for the whole process: MLX gives each thread a CPU stream of
-    its own, and a stream's worker outlives its thread (new threads per batch piled up)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _cpu_streams(n: int) -> list:
+    """n CPU streams, made once: every new stream starts a worker thread that lives as long as
+    the process."""
+    import mlx.core as mx
 
-    return ThreadPoolExecutor(cpu_cores(), thread_name_prefix="cultvlm-core")
+    return [mx.new_stream(mx.cpu) for _ in range(n)]
 
 
 def cpu_cores() -> int:

@@ -70,9 +70,38 @@ def only_real_tokens(n_tokens: int):
 
 def batch_answers(model, processor, images: list, questions: list[str], max_tokens: int,
                   references: list[tuple] = ()) -> list[str]:
-    """Greedy answers to `questions[i]` about `images[i]` (PIL images already fitted to their
-    pixel budget), generated together; `references` (picture, label) pairs come before every
-    row's picture (`build_prompt`). Questions about one picture (the same object in
+    """Greedy answers to `questions[i]` about `images[i]`, generated together (`answer_steps`)."""
+    return run_side_by_side([answer_steps(model, processor, images, questions, max_tokens, references)])[0]
+
+
+def run_side_by_side(jobs: list, streams: list | None = None) -> list:
+    """Drive `answer_steps` generators together, each on its own stream (default: the default
+    stream): every round each job builds its next step and yields what it needs evaluated, and
+    one `mx.eval` runs them all, so MLX computes different streams side by side. Returns each
+    job's result. One thread: MLX streams used from other threads can abort the process at exit."""
+    import mlx.core as mx
+
+    streams = streams or [mx.default_stream(mx.default_device())] * len(jobs)
+    results, live = [None] * len(jobs), list(range(len(jobs)))
+    while live:
+        wanted = []
+        for k in list(live):
+            with mx.stream(streams[k]):
+                try:
+                    wanted.append(next(jobs[k]))
+                except StopIteration as finished:
+                    results[k] = finished.value
+                    live.remove(k)
+        mx.eval(wanted)
+    return results
+
+
+def answer_steps(model, processor, images: list, questions: list[str], max_tokens: int,
+                 references: list[tuple] = ()):
+    """A generator of greedy answers to `questions[i]` about `images[i]` (PIL images already
+    fitted to their pixel budget), generated together: it yields each decoding step's tokens to
+    be evaluated and returns the answers (`run_side_by_side` drives it). `references` (picture,
+    label) pairs come before every row's picture (`build_prompt`). Questions about one picture (the same object in
     `images`) share its work: the picture goes through the vision tower once, and the prompt up
     to the end of its image tokens (system turn and image) goes through the language model once;
     each question continues from a copy of that key/value cache. Prefixes of different lengths
@@ -176,7 +205,9 @@ def batch_answers(model, processor, images: list, questions: list[str], max_toke
         # The argmax of the log-probabilities in the model's dtype, as the one-by-one path takes
         # it: rounding there can reorder near-ties, and both paths must pick the same token.
         logits = mx.where(real, logits, -mx.inf)
-        token = np.asarray(mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1))
+        token = mx.argmax(logits - mx.logsumexp(logits, axis=-1, keepdims=True), axis=-1)
+        yield token  # evaluated by the caller, with the other jobs' steps
+        token = np.asarray(token)
         going = np.array([t not in stop for t in token.tolist()])
         for row, t in zip(alive[going], token[going]):
             answers[row].append(int(t))
