@@ -8,7 +8,7 @@ Every image gets the same probe set, so base and tuned models answer exactly the
     verify_no              "Is this <a look-alike>?"        right if the answer is no
 
 Decoding is greedy, with a pinned pixel budget and a fixed max-token count (recorded in run.json).
-Answers are generated in batches (`generate.batch_answers`: each picture encoded once for all
+Answers are generated in batches (`generate.answer_steps`: each picture encoded once for all
 its questions, left padding) and appended to predictions.jsonl as each batch finishes, so a killed run resumes
 without redoing finished items.
 """

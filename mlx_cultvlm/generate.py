@@ -68,12 +68,6 @@ def only_real_tokens(n_tokens: int):
     return process
 
 
-def batch_answers(model, processor, images: list, questions: list[str], max_tokens: int,
-                  references: list[tuple] = ()) -> list[str]:
-    """Greedy answers to `questions[i]` about `images[i]`, generated together (`answer_steps`)."""
-    return run_side_by_side([answer_steps(model, processor, images, questions, max_tokens, references)])[0]
-
-
 def run_side_by_side(jobs: list, streams: list | None = None) -> list:
     """Drive `answer_steps` generators together, each on its own stream (default: the default
     stream): every round each job builds its next step and yields what it needs evaluated, and
