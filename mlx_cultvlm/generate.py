@@ -93,14 +93,14 @@ def run_side_by_side(jobs: list, streams: list | None = None) -> list:
 def answer_steps(model, processor, images: list, questions: list[str], max_tokens: int,
                  references: list[tuple] = ()):
     """A generator of greedy answers to `questions[i]` about `images[i]` (PIL images already
-    fitted to their pixel budget), generated together: it yields each decoding step's tokens to
-    be evaluated and returns the answers (`run_side_by_side` drives it). `references` (picture,
-    label) pairs come before every row's picture (`build_prompt`). Questions about one picture (the same object in
-    `images`) share its work: the picture goes through the vision tower once, and the prompt up
-    to the end of its image tokens (system turn and image) goes through the language model once;
-    each question continues from a copy of that key/value cache. Prefixes of different lengths
-    are padded on the left, questions of one length run together, and every gap is masked, so
-    every row computes what it would alone."""
+    fitted to their pixel budget), generated together: it yields each decoding step's tokens to be
+    evaluated and returns the answers (`run_side_by_side` drives it). `references` (picture,
+    label) pairs come before every row's picture (`build_prompt`). Questions about one picture
+    (the same object in `images`) share its work: the picture goes through the vision tower
+    once, and the prompt up to the end of its image tokens (system turn and image) goes through
+    the language model once; each question continues from a copy of that key/value cache.
+    Prefixes of different lengths are padded on the left, questions of one length run together,
+    and every gap is masked, so every row computes what it would alone."""
     import mlx.core as mx
     import numpy as np
     from mlx_vlm.models.cache import KVCache
