@@ -5,7 +5,8 @@
 Three models, each asked the same probe questions (every question kind the evaluation asks,
 five per picture) greedily through `cultvlm generate`'s one-by-one streaming path and through
 `cultvlm eval`'s batched path, the latter on one CPU core and on every core (as eval runs it),
-each path --repeats times; the language model in float32 on the CPU, as both commands run it:
+each path --repeats times; the language model in float32 on the CPU, as both commands run it,
+and MLX's evaluation order widened as `cultvlm eval` widens it (`let_cpu_streams_overlap`):
 
 - `demo_base`: the shipped demo base (data/demo_base, a trained tiny model, float32) on drawn
   demo characters at the demo's pixel budget -- answers end on their own, as a real model's do;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -118,8 +120,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="runs of each path; the median counts")
     parser.add_argument("--save", action="store_true", help="also write docs/bench_eval.json")
     args = parser.parse_args()
+    evaluate.let_cpu_streams_overlap()  # as `cultvlm eval` does
     result = {"bench": "eval", "items": args.items, "batch_size": args.batch_size, "max_tokens": args.max_tokens,
               "repeats": args.repeats, "cpu_cores": evaluate.cpu_cores(),
+              "mlx_bfs_max_width": os.environ.get("MLX_BFS_MAX_WIDTH"),
               "machine": {"platform": platform.platform(), "mlx": mx.__version__, "device": str(mx.default_device())}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,7 @@
 """`cultvlm eval` on the tiny model: batched = one-by-one, base vs tuned, resume, bad input."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import mlx_cultvlm.evaluate as evaluate_module
+import mlx_cultvlm.generate as generate_module
 from conftest import PIXELS
 from mlx_cultvlm.cli import main
 from mlx_cultvlm.data.catalog import load_catalog
@@ -89,6 +91,7 @@ def test_a_process_that_shared_out_a_batch_exits_cleanly(tiny_4bit, dataset):
 import mlx_cultvlm.evaluate as e
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.generate import load_model
+e.let_cpu_streams_overlap()  # as eval runs
 e.cpu_cores = lambda: 2
 probe = e.items_from_dataset(__import__("pathlib").Path({str(root)!r}), "test", load_catalog({CATALOG!r}))[:10]
 model, processor = load_model({str(tiny_4bit)!r})
@@ -99,6 +102,26 @@ print(len(answers))
     for _ in range(3):  # the abort came in about 7 runs of 10
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert (done.returncode, done.stdout.split()[-1:]) == (0, ["10"]), done.stderr[-2000:]
+
+
+def test_eval_lets_cpu_streams_overlap_before_it_loads_the_model(tiny_4bit, dataset, tmp_path, monkeypatch):
+    """MLX reads MLX_BFS_MAX_WIDTH once, at a process's first evaluation, so eval sets it (on the
+    CPU) before the model loads; a width the user set wins."""
+    root, _ = dataset
+    seen = []
+
+    def loading(*args, **kwargs):
+        seen.append(os.environ.get("MLX_BFS_MAX_WIDTH"))
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(generate_module, "load_model", loading)
+    monkeypatch.delenv("MLX_BFS_MAX_WIDTH", raising=False)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        run_eval(tiny_4bit, tmp_path / "default", root)
+    monkeypatch.setenv("MLX_BFS_MAX_WIDTH", "7")
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        run_eval(tiny_4bit, tmp_path / "user", root)
+    assert seen == ([str(100 * cpu_cores()), "7"] if mx.default_device() == mx.cpu else [None, "7"])
 
 
 def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_path, monkeypatch):
