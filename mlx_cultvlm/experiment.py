@@ -620,6 +620,9 @@ def run_series(series_file: str | Path, out: str | Path | None = None, force: bo
                + (f" ({sum(r.status == 'changed' for r in todo)} redone with other settings)" if changed else ""))
     for folder, content in mixes.items():
         write_mix_folder(series, Path(folder), content)
+    from .evaluate import let_cpu_streams_overlap
+
+    let_cpu_streams_overlap()  # before a run trains: the setting is read at the first evaluation
     for number, run in enumerate(todo, 1):
         what = "evaluate" if run.group.kind == "baseline" else f"train {run.group.train['steps']} steps + evaluate"
         click.echo(f"[{number}/{len(todo)}] {run.name}: {what}" + (" (resuming)" if run.status == "resume" else ""))
