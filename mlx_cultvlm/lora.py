@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from .errors import CultvlmError
 from .files import write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
+from .plan import GB  # binary, as the memory plan counts: Apple's "24 GB" is 24 GiB
 from .samples import MIX_KINDS, Batch, Sample, SampleEncoder, load_split, make_batch, preprocess
 
 TEXT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -686,7 +687,7 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         seconds = time.perf_counter() - start
         entry = {"step": step, "loss": loss_sum / n_targets, "lr": lr, "grad_norm": grad_norm.item(),
                  "target_tokens": n_targets, "tokens": n_tokens, "tokens_per_s": n_tokens / seconds,
-                 "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": None}
+                 "peak_memory_gb": mx.get_peak_memory() / GB, "val_loss": None}
         bar.update(1)
         if lead and (step % cfg.val_every == 0 or step == cfg.steps):
             entry["val_loss"] = evaluate_loss(model, valid_set, encoder, cfg.batch_size, cache)
