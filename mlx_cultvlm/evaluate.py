@@ -190,11 +190,8 @@ def let_cpu_streams_overlap() -> None:
     the process evaluates anything (MLX reads the setting once, at its first evaluation). MLX
     lays a graph out breadth-first at most MLX_BFS_MAX_WIDTH arrays wide (default 20) and runs it
     at most ten tasks ahead, so at 20 the streams' graphs come out as long runs of one stream
-    while the other cores wait. Measured on 2 cores (docs/EVAL.md): mid's batches shared out
-    were 1.2x one core at width 20, 1.8x at 100 to 1000; the demo base's 1.0x at 20 and 100,
-    1.7x at 200. 100 per core; a width the user set wins; on a GPU nothing changes. Training in
-    the same process computes the same (a 60-step demo LoRA: identical adapters, peak memory
-    +6%)."""
+    while the other cores wait (measured in docs/EVAL.md). A width the user set wins; on a GPU
+    nothing changes."""
     import os
 
     import mlx.core as mx
