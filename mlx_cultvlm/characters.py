@@ -59,6 +59,15 @@ PARTS = {
     "leopold_cat": _parts("rounded_square", ("orange", "cream", "blue"), "pointed_ears", "moustache", "belt"),
     "disney_winnie_the_pooh": _parts("pear", ("yellow", "tan", "red"), "round_ears", "shirt"),
 }
+# Characters the catalog does not have, for the demo's out-of-catalog pictures (`data build
+# --negatives`): each shares a body and palette with catalog characters and differs in its
+# features, as an unknown cartoon character would. The base's vision tower never saw them.
+STRANGERS = {
+    "stranger_owl": _parts("tall_ellipse", ("brown", "tan", "black"), "pointed_ears", "big_eyes", "belly"),
+    "stranger_frog": _parts("circle", ("green", "cream", "black"), "big_eyes", "cheeks"),
+    "stranger_robot": _parts("rounded_square", ("blue", "cream", "red"), "helmet", "belt"),
+    "stranger_bear": _parts("pear", ("brown", "tan", "black"), "round_ears", "belly", "tail"),
+}
 PAIRS = [("cheburashka", "mickey_mouse"), ("kolobok", "pikachu"),
          ("crocodile_gena", "shapoklyak"), ("alyosha_popovich", "leopold_cat")]
 
@@ -207,7 +216,7 @@ def _draw_body(pen: _Pen, body: str, g: dict, fill) -> None:
 
 
 def _draw(entity_id: str) -> Image.Image:
-    p = PARTS[entity_id]
+    p = {**PARTS, **STRANGERS}[entity_id]
     g = _geometry(p.body)
     body, belly, accent = (COLOURS[c] for c in p.palette)
     black, f = COLOURS["black"], p.features
@@ -273,8 +282,8 @@ def _draw(entity_id: str) -> Image.Image:
 @lru_cache(maxsize=None)
 def sprite(entity_id: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The character's RGBA sprite and the box around its visible pixels."""
-    if entity_id not in PARTS:
-        raise KeyError(f"no drawing for {entity_id!r}; known: {', '.join(PARTS)}")
+    if entity_id not in PARTS and entity_id not in STRANGERS:
+        raise KeyError(f"no drawing for {entity_id!r}; known: {', '.join([*PARTS, *STRANGERS])}")
     img = _draw(entity_id)
     return img, img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
 

@@ -123,33 +123,36 @@ def fuse(model, adapter, out, dequantize, models_dir, force):
 @click.option("--catalog", default="data/entities.json", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--baseline", type=click.Path(file_okay=False), help="the base model's run folder: adds control retention")
 @click.option("--batch-size", type=int, default=20, show_default=True,
-              help="items generated together (a picture's five questions share its encoding; "
+              help="items generated together (a picture's questions share its encoding; "
                    "on the CPU each core takes whole pictures)")
 @click.option("--max-tokens", type=int, default=48, show_default=True)
 @click.option("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, show_default=True)
 @click.option("--min-pixels", type=int, default=DEFAULT_MIN_PIXELS, show_default=True)
 @click.option("--models-dir", type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="discard a run in --out made with other settings")
+@click.option("--drop-trained", is_flag=True,
+              help="leave out (and count) pictures the model or adapter was trained on, instead of refusing")
 def eval_command(model, adapter, data, split, images, out, catalog, baseline, batch_size, max_tokens,
-                 max_pixels, min_pixels, models_dir, force):
+                 max_pixels, min_pixels, models_dir, force, drop_trained):
     """Ask the fixed probe set about every held-out image; write predictions and metrics."""
     from .evaluate import evaluate
 
     metrics = evaluate(model, out, data=data, images=images, split=split, adapter=adapter,
                        catalog_path=catalog, baseline=baseline, batch_size=batch_size,
                        max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels,
-                       force=force, models_root=models_dir)
+                       force=force, models_root=models_dir, drop_trained=drop_trained)
     from .metrics import naming
-    from .report import pct
+    from .report import fig_text
 
     shown = [(f"{role}s", naming(metrics, role)) for role in ("target", "control")]
     if metrics.get("baseline"):
         shown.append(("control retention", metrics["baseline"]["retention"]))
-    click.echo("naming accuracy (ru + en, 95% Wilson interval):")
+    shown.append(("false positives (a target named on a control or out-of-catalog picture)",
+                  metrics["restraint"]["false_positives"]))
+    click.echo("naming per picture (ru + en; k/n = share [95% Wilson interval], n = pictures):")
     for what, fig in shown:
         if fig["n"]:
-            click.echo(f"  {what}: {fig['k']}/{fig['n']} = {pct(fig['value'])} "
-                       f"[{pct(fig['ci95'][0])}, {pct(fig['ci95'][1])}]")
+            click.echo(f"  {what}: {fig_text(fig)}")
     click.echo(f"predictions and metrics written to {out}")
     return metrics
 

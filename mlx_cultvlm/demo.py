@@ -39,8 +39,9 @@ BASE_DIR = Path(__file__).resolve().parent.parent / "data" / "demo_base"
 LARGE_BASE_DIR = BASE_DIR.with_name("demo_base_large")
 
 # Pictures per character in the demo's own data set (split by `data build` into train/valid/test:
-# 52/12/16). 40 gave the same accuracy within a few items, on half the test items.
-PICTURES = {"target": 80, "control": 80}
+# 52/12/16). 40 gave the same accuracy within a few items, on half the test items. "negative":
+# per character the catalog does not have (characters.STRANGERS), the out-of-catalog pictures.
+PICTURES = {"target": 80, "control": 80, "negative": 20}
 # Trained on the naming lines and the controls' replay only: with every kind of line, 320 steps
 # taught 4 of 72 fact questions and no verification answer, and took the steps the names needed
 # (targets 74.0%, retention 84.4%, against 76.0% and 97.8% on the naming lines; the steps and
@@ -81,22 +82,28 @@ def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: 
     load_catalog(catalog)
     images = out / "images"
     counts = pictures or PICTURES
+    negatives = out / "negatives"
     if not images.exists():
         click.echo(f"drawing {len(characters.PARTS)} characters into {images} ...")
         for entity in characters.DEMO_CATALOG["entities"]:
             characters.write_images(images, ids=[entity["id"]], per_entity=counts[entity["role"]], seed=seed,
                                     size=IMAGE_SIZE)
+    if not negatives.exists():
+        click.echo(f"drawing {len(characters.STRANGERS)} characters the catalog does not have into {negatives} ...")
+        characters.write_images(negatives, ids=list(characters.STRANGERS), per_entity=counts["negative"],
+                                seed=seed, size=IMAGE_SIZE)
     lora_yaml = out / "lora.yaml"
     options = dict(LORA, steps=lora_steps or LORA["steps"], seed=seed)
     lora_yaml.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in options.items()), encoding="utf-8")
     base, data, runs = str(base_dir), str(out / "dataset"), out / "runs"
     common = ["--catalog", str(catalog)]
     steps = [
-        (None, ["data", "check", "--images", str(images), *common]),
+        (None, ["data", "check", "--images", str(images), "--negatives", str(negatives), *common]),
         (out / "captions.jsonl", ["data", "caption", "--provider", "offline", "--images", str(images), *common,
                                   "--captions", str(out / "captions.jsonl")]),
         (out / "dataset" / "test.jsonl", ["data", "build", "--out", data, "--images", str(images), *common,
-                                          "--captions", str(out / "captions.jsonl"), "--seed", str(seed)]),
+                                          "--captions", str(out / "captions.jsonl"), "--seed", str(seed),
+                                          "--negatives", str(negatives)]),
         (runs / "base" / "metrics.json", ["eval", "--model", base, "--data", data, "--out", str(runs / "base"),
                                           *common, "--max-pixels", str(IMAGE_SIZE ** 2), "--batch-size", "20"]),
         (out / "adapters" / "adapters.safetensors", ["lora", "--config", str(lora_yaml), "--model", base,
@@ -119,22 +126,27 @@ def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: 
 
 
 def summary(runs: Path, report: Path, seconds: float) -> bool:
-    from .report import pct
+    from .report import fig_text
 
     base = json.loads((runs / "base" / "metrics.json").read_text(encoding="utf-8"))
     tuned = json.loads((runs / "tuned" / "metrics.json").read_text(encoding="utf-8"))
     measured = {"base": {"targets": naming(base, "target"), "controls": naming(base, "control")},
                 "tuned": {"targets": naming(tuned, "target"), "controls": naming(tuned, "control"),
                           "retention": tuned["baseline"]["retention"]}}
-    click.echo(f"\nsummary ({seconds / 60:.1f} min; naming accuracy on held-out pictures, 95% Wilson intervals)")
+    click.echo(f"\nsummary ({seconds / 60:.1f} min; naming on held-out pictures, ru + en counted per picture: "
+               "k/n = share [95% Wilson interval], n = pictures)")
     met = True
     for what, run, key, direction, value in THRESHOLDS:
         fig = measured[run][key]
         ok = fig["value"] is not None and (fig["value"] <= value if direction == "at most" else fig["value"] >= value)
         met &= ok
-        shown = (f"{fig['k']}/{fig['n']} = {pct(fig['value'])} [{pct(fig['ci95'][0])}, {pct(fig['ci95'][1])}]"
-                 if fig["n"] else "nothing to measure (n=0)")
+        shown = fig_text(fig) if fig["n"] else "nothing to measure (n=0)"
         click.echo(f"  {'PASS' if ok else 'FAIL'}  {what}: {shown}; needs {direction} {value:.0%}")
+    for name, metrics in (("base", base), ("tuned", tuned)):
+        restraint = metrics["restraint"]
+        click.echo(f"  {name}: false positives (a target named on a control or out-of-catalog picture) "
+                   f"{fig_text(restraint['false_positives'])}; naming answers with several names "
+                   f"{fig_text(restraint['several_named'])}")
     click.echo(f"report: {report / 'report.html'}")
     click.echo("every threshold met" if met else "THRESHOLDS MISSED: see the lines marked FAIL")
     return met

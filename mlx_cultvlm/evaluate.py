@@ -1,11 +1,22 @@
 """`cultvlm eval`: ask a model a fixed set of questions about held-out images and score them.
 
-Every image gets the same probe set, so base and tuned models answer exactly the same items:
+Every picture gets the same probe set, so base and tuned models answer exactly the same items.
+Each question is one of at least two held-out phrasings that no training line uses
+(data/questions.py), picked by the picture's hash:
 
-    naming_ru, naming_en   who is this?                     right if the answer names the entity
-    fact                   which work is it from, who made it?  right if it mentions the work or author
-    verify_yes             "Is this <entity>?"              right if the answer is yes
-    verify_no              "Is this <a look-alike>?"        right if the answer is no
+    naming_ru, naming_en   who is this?                  right if it names the entity, and only it
+    fact (ru, en)          who is it, from which work, by whom?
+                                                         right if it names the entity and its work or author
+    verify_yes (ru, en)    "Is this <entity>?"           right if the answer is yes
+    verify_no              "Is this <other>?", asked about three others (POPE's settings):
+                           adversarial (a look-alike: the first `confusable_with`), popular (the
+                           entity with the most training pictures), random (by the picture's hash)
+                                                         right if the answer is no
+    describe               describe the picture          right if it names no entity but the pictured one
+
+Out-of-catalog pictures (a dataset's negatives, role "negative") are asked the naming questions
+(right: no catalog name), verify_no about a popular and a random target, and describe. How an
+answer is read is `score.AnswerScorer` (a hedge between names names none).
 
 Decoding is greedy, with a pinned pixel budget and a fixed max-token count (recorded in run.json).
 Answers are generated in batches (`generate.answer_steps`: each picture encoded once for all
@@ -19,67 +30,90 @@ import functools
 import hashlib
 import json
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
-from .data.catalog import Entity, load_catalog
+from .data.catalog import LANGS, Entity, load_catalog
+from .data.check import read_training_record, trained_on
+from .data.questions import EVAL_QUESTIONS
 from .errors import CultvlmError
 from .files import NOT_UTF8, append_jsonl, printable, read_jsonl, utf8_name, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
+from .models import resolve_model
 
-QUESTIONS = {
-    "naming_ru": ("ru", "Кто изображён на картинке? Назови персонажа."),
-    "naming_en": ("en", "Who is shown in this picture? Name the character."),
-    "fact": ("ru", "Из какого произведения этот персонаж и кто его создал?"),
-    "verify_yes": ("ru", "Это {name}? Ответь «да» или «нет»."),
-    "verify_no": ("ru", "Это {name}? Ответь «да» или «нет»."),
-}
 PROBE_KINDS = ("naming_ru", "naming_en")  # --images: the entity may be unknown
+NEGATIVE_SETTINGS = ("adversarial", "popular", "random")  # POPE's, for verify_no
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 
 
-def look_alike(entity: Entity, sha256: str, catalog: dict[str, Entity]) -> Entity:
-    """The entity a verify_no question asks about: the first confusable one, else another
-    catalog entity picked by the image's hash (the same for every run)."""
-    if entity.confusable_with:
-        return catalog[entity.confusable_with[0]]
-    others = sorted(k for k in catalog if k != entity.id)
-    return catalog[others[int(sha256[:8], 16) % len(others)]]
+def _pick(sha256: str, salt: str, options: list):
+    """One of `options`, the same for a picture every run."""
+    return options[int(hashlib.sha256(f"{salt}:{sha256}".encode()).hexdigest()[:8], 16) % len(options)]
+
+
+def asked_entities(entity: Entity | None, sha256: str, catalog: dict[str, Entity],
+                   popularity: list[str]) -> dict[str, Entity]:
+    """The entities verify_no asks about, by POPE setting: three different ones, none of them
+    the pictured entity. An out-of-catalog picture is asked about targets, and has no look-alike."""
+    pool = [e for e in catalog.values() if entity is not None or e.role == "target"]
+    taken = {entity.id} if entity else set()
+    asked = {}
+    if entity and entity.confusable_with:
+        asked["adversarial"] = catalog[entity.confusable_with[0]]
+    taken |= {e.id for e in asked.values()}
+    popular = next((e for e in popularity if e not in taken and catalog[e] in pool), None)
+    if popular:
+        asked["popular"] = catalog[popular]
+        taken.add(popular)
+    rest = sorted(e.id for e in pool if e.id not in taken)
+    if rest:
+        asked["random"] = catalog[_pick(sha256, "random", rest)]
+    return asked
 
 
 def items_for_image(image: str, sha256: str, entity: Entity | None, catalog: dict[str, Entity],
-                    kinds=tuple(QUESTIONS)) -> list[dict]:
-    items = []
-    for kind in kinds:
-        if entity is None and kind not in PROBE_KINDS:
-            continue
-        if kind == "fact" and not (entity.origin.get("work") or entity.origin.get("author")):
-            continue
-        lang, question = QUESTIONS[kind]
-        asked = {"verify_yes": entity, "verify_no": look_alike(entity, sha256, catalog) if entity else None}.get(kind)
-        items.append({
-            "item_id": f"{sha256[:16]}:{kind}", "image": image, "sha256": sha256,
-            "entity": entity.id if entity else None, "role": entity.role if entity else None,
-            "kind": kind, "lang": lang, "asked_about": asked.id if asked else None,
-            "prompt": question.format(name=asked.name(lang)) if asked else question,
-        })
+                    popularity: list[str] = (), negative: bool = False, kinds=None) -> list[dict]:
+    """The probe set of one picture: of `entity`, of no catalog entity (`negative`), or of an
+    unknown one (entity None: the naming questions only)."""
+    role = "negative" if negative else entity.role if entity else None
+
+    def item(kind: str, lang: str, key: str, asked: Entity | None = None, setting: str | None = None) -> dict:
+        question = _pick(sha256, key, EVAL_QUESTIONS[kind.split("_")[0]][lang])
+        return {"item_id": f"{sha256[:16]}:{key}", "image": image, "sha256": sha256,
+                "entity": entity.id if entity else None, "role": role, "kind": kind, "lang": lang,
+                "negative": setting, "asked_about": asked.id if asked else None,
+                "prompt": question.format(name=asked.name(lang)) if asked else question}
+
+    items = [item(f"naming_{lang}", lang, f"naming_{lang}") for lang in LANGS]
+    if kinds is not None or (entity is None and not negative):
+        return [i for i in items if kinds is None or i["kind"] in kinds]
+    if entity is not None:
+        if any(entity.origin.get(k) for k in ("work", "author")):
+            items += [item("fact", lang, f"fact:{lang}") for lang in LANGS]
+        items += [item("verify_yes", lang, f"verify_yes:{lang}", entity) for lang in LANGS]
+    for setting, asked in asked_entities(entity, sha256, catalog, popularity).items():
+        items.append(item("verify_no", _pick(sha256, setting, list(LANGS)), f"verify_no:{setting}", asked, setting))
+    items.append(item("describe", _pick(sha256, "describe", list(LANGS)), "describe"))
     return items
 
 
-def dataset_pictures(data: Path, split: str, catalog: dict[str, Entity]) -> dict[str, tuple[str, str]]:
+def dataset_pictures(data: Path, split: str, catalog: dict[str, Entity]) -> dict[str, tuple[str, str | None]]:
     """sha256 -> (image path, entity id) of each distinct image of the split (a dataset line's
-    meta names its entity)."""
+    meta names its entity; an out-of-catalog picture, meta.role "negative", has entity None)."""
     from .samples import read_jsonl as read_dataset, resolve_image
 
     path = data / f"{split}.jsonl"
-    images: dict[str, tuple[str, str]] = {}
+    images: dict[str, tuple[str, str | None]] = {}
     for lineno, record in read_dataset(path):
         meta, where = record.get("meta") or {}, f"{path}:{lineno}"
         if not record.get("images") or "entity" not in meta:
             raise CultvlmError(f"{where}: needs an image and meta.entity to be evaluated")
-        if meta["entity"] not in catalog:
+        if meta["entity"] is None and meta.get("role") != "negative":
+            raise CultvlmError(f"{where}: meta.entity is null but meta.role is not \"negative\"")
+        if meta["entity"] is not None and meta["entity"] not in catalog:
             raise CultvlmError(f"{where}: entity {meta['entity']!r} is not in the catalog")
         image = resolve_image(data, record["images"][0], where)
         sha = meta.get("sha256") or _sha256(image)
@@ -87,10 +121,20 @@ def dataset_pictures(data: Path, split: str, catalog: dict[str, Entity]) -> dict
     return images
 
 
+def popularity(data: Path, catalog: dict[str, Entity]) -> list[str]:
+    """Catalog ids by how many training pictures they have, most first (ties: catalog order):
+    POPE's popular negatives are the entities a model has seen most."""
+    counts = Counter(e for _, e in dataset_pictures(data, "train", catalog).values()) if (
+        data / "train.jsonl").is_file() else Counter()
+    order = list(catalog)
+    return sorted(catalog, key=lambda e: (-counts[e], order.index(e)))
+
+
 def items_from_dataset(data: Path, split: str, catalog: dict[str, Entity]) -> list[dict]:
     """One probe set per distinct image of the split."""
+    popular = popularity(data, catalog)
     return [item for sha, (image, entity) in sorted(dataset_pictures(data, split, catalog).items())
-            for item in items_for_image(image, sha, catalog[entity], catalog)]
+            for item in items_for_image(image, sha, catalog.get(entity), catalog, popular, negative=entity is None)]
 
 
 def reference_pictures(data: Path, catalog: dict[str, Entity], split: str = "train") -> list[list[str]]:
@@ -99,7 +143,8 @@ def reference_pictures(data: Path, catalog: dict[str, Entity], split: str = "tra
     leak-free dataset never shows a test picture)."""
     first: dict[str, str] = {}
     for sha, (image, entity) in sorted(dataset_pictures(data, split, catalog).items()):
-        first.setdefault(entity, image)
+        if entity is not None:
+            first.setdefault(entity, image)
     if not first:
         raise CultvlmError(f"{data / f'{split}.jsonl'}: no pictures of catalog entities to show as references")
     return [[first[e], f"{entity.name('ru')} ({entity.name('en')})"] for e, entity in catalog.items() if e in first]
@@ -115,7 +160,7 @@ def items_from_folder(folder: Path, catalog: dict[str, Entity]) -> list[dict]:
     if not paths:
         raise CultvlmError(f"{folder}: no images")
     return [item for p in paths
-            for item in items_for_image(str(p), _sha256(p), catalog.get(p.parent.name), catalog, PROBE_KINDS)]
+            for item in items_for_image(str(p), _sha256(p), catalog.get(p.parent.name), catalog, kinds=PROBE_KINDS)]
 
 
 def _sha256(path: Path) -> str:
@@ -123,26 +168,27 @@ def _sha256(path: Path) -> str:
 
 
 def score(item: dict, answer: str, scorer) -> dict:
-    """The prediction line: the item, the answer, what it was parsed as, and the verdict."""
-    from .score import yes_no
-
-    line = dict(item, answer=answer, named=None, yes_no=None, correct=None)
-    if item["kind"] in ("verify_yes", "verify_no"):
-        line["yes_no"] = yes_no(answer)
-        if item["entity"]:
-            line["correct"] = line["yes_no"] == ("yes" if item["kind"] == "verify_yes" else "no")
-        return line
-    line["named"] = scorer.named(answer)
-    if item["entity"] is None:
-        return line
-    if item["kind"] == "fact":
-        origin = scorer.catalog[item["entity"]].origin
-        # A work titled after the character (Колобок, Винни-Пух) would count naming as a fact.
-        phrases = [str(origin[k]) for k in ("work", "author", "studio")
-                   if origin.get(k) and item["entity"] not in scorer.entities(str(origin[k]))]
-        line["correct"] = any(scorer.mentions(answer, p) for p in phrases)
+    """The prediction line: the item, the answer, what it was read as, and the verdict."""
+    candidates = scorer.candidates(answer)
+    line = dict(item, answer=answer, named=scorer.named(answer), candidates=candidates,
+                several=len(candidates) > 1,
+                target_named=any(scorer.catalog[e].role == "target" for e in candidates),
+                yes_no=None, correct=None)
+    kind, entity = item["kind"], item["entity"]
+    if kind in ("verify_yes", "verify_no"):
+        line["yes_no"] = scorer.verify(answer, item["asked_about"])
+        line["correct"] = line["yes_no"] == ("yes" if kind == "verify_yes" else "no")
+    elif kind == "describe":
+        line["mentioned"] = scorer.entities(answer)
+        line["correct"] = not set(line["mentioned"]) - {entity}
+    elif item["role"] == "negative":
+        line["correct"] = not candidates  # naming: no catalog name at all
+    elif entity is None:
+        return line  # a picture of no known entity (eval --images): nothing to grade
+    elif kind == "fact":
+        line["correct"] = scorer.fact_correct(answer, entity)
     else:
-        line["correct"] = line["named"] == item["entity"]
+        line["correct"] = line["named"] == entity
     return line
 
 
@@ -212,10 +258,13 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
              baseline: str | None = None, batch_size: int = 20, max_tokens: int = 48,
              min_pixels: int = DEFAULT_MIN_PIXELS, max_pixels: int = DEFAULT_MAX_PIXELS,
              force: bool = False, models_root: str | None = None, progress: bool = True,
-             prompt_suffix: dict[str, str] | None = None, references: list[list[str]] | None = None) -> dict:
+             prompt_suffix: dict[str, str] | None = None, references: list[list[str]] | None = None,
+             drop_trained: bool = False) -> dict:
     """Run (or resume) an evaluation; returns the metrics. Prompting baselines: `prompt_suffix`
     maps a question kind to text appended to its questions (e.g. the candidate names);
-    `references` are [image path, label] pictures shown before every question's picture."""
+    `references` are [image path, label] pictures shown before every question's picture.
+    Pictures the model or adapter was trained on (or near-duplicates of them) are refused, or
+    with `drop_trained` left out and counted in run.json."""
     from tqdm import tqdm
 
     from .generate import float32_language_model_on_cpu, load_model
@@ -233,11 +282,11 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
         if prompt_suffix and item["kind"] in prompt_suffix:
             item["prompt"] = f"{item['prompt']} {prompt_suffix[item['kind']]}"
     out = Path(out)
-    from .models import resolve_model
-
-    weights = {"model": _weight_files(resolve_model(model, models_root)),
-               "adapter": _weight_files(Path(adapter)) if adapter else None}
+    model_dir = resolve_model(model, models_root)
+    items, left_out = leave_out_trained(items, [model_dir, *([Path(adapter)] if adapter else [])], drop_trained)
+    weights = {"model": _weight_files(model_dir), "adapter": _weight_files(Path(adapter)) if adapter else None}
     run = {"model": model, "adapter": adapter, "weights": weights, "dataset": str(data or images),
+           "left_out_trained": left_out,
            "split": split if data else None,
            "catalog": str(catalog_path), "max_pixels": max_pixels, "min_pixels": min_pixels,
            "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "references": references or None, "items": len(items),
@@ -264,13 +313,34 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
             bar.set_postfix(items_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
         bar.close()
 
-    predictions = read_jsonl(out / "predictions.jsonl")
-    base = read_jsonl(Path(baseline) / "predictions.jsonl") if baseline else None
-    metrics = compute_metrics([p for p in predictions if p["entity"]], base)
+    graded = lambda records: [p for p in records if p["correct"] is not None]  # noqa: E731 (not eval --images' unknowns)
+    base = graded(read_jsonl(Path(baseline) / "predictions.jsonl")) if baseline else None
+    metrics = compute_metrics(graded(read_jsonl(out / "predictions.jsonl")), base)
     write_json(out / "metrics.json", metrics)
     started = json.loads((out / "run.json").read_text(encoding="utf-8"))["started_at"]
     write_json(out / "run.json", run | {"started_at": started, "finished_at": _now()})
     return metrics
+
+
+def leave_out_trained(items: list[dict], folders: list[Path], drop: bool) -> tuple[list[dict], int]:
+    """The items whose picture no folder's model or adapter was trained on (data/check.py's
+    record; near-duplicates count), and how many pictures were left out. Without `drop`, any
+    such picture is an error: the figures would measure memory, not recognition."""
+    pictures = {i["sha256"]: Path(i["image"]) for i in items}
+    trained: dict[str, str] = {}
+    for folder in folders:
+        record = read_training_record(folder)
+        if record:
+            trained |= {sha: f"{why} of {folder}" for sha, why in trained_on(pictures, record).items()}
+    if trained and not drop:
+        sha, why = next(iter(sorted(trained.items())))
+        raise CultvlmError(f"{len(trained)} of the {len(pictures)} pictures to evaluate were trained on (e.g. "
+                           f"{printable(pictures[sha])}: {why}); evaluate on held-out pictures, or pass "
+                           f"--drop-trained to leave them out (counted in run.json)")
+    if len(trained) == len(pictures):
+        raise CultvlmError(f"every one of the {len(pictures)} pictures to evaluate was trained on: nothing is left "
+                           f"to evaluate")
+    return [i for i in items if i["sha256"] not in trained], len(trained)
 
 
 def _weight_files(folder: Path) -> list:

@@ -669,14 +669,9 @@ def difference(a: list[dict], b: list[dict]) -> dict:
 
 
 def role_figure(metrics: dict, role: str | None, group: str) -> dict:
-    """A run's accuracy over the entities of one role, pooled (k and n summed), from its
-    metrics.json; over all entities, the overall figure."""
-    from .metrics import figure
-
-    if role is None:
-        return metrics["overall"][group]
-    chosen = [e[group] for e in metrics["entities"].values() if e["role"] == role]
-    return figure(sum(f["k"] for f in chosen), sum(f["n"] for f in chosen))
+    """A run's accuracy over the pictures of one role, from its metrics.json; over all catalog
+    entities, the overall figure."""
+    return metrics["roles"][role][group] if role else metrics["overall"][group]
 
 
 def _only(items: dict, role: str) -> list[dict]:
@@ -698,16 +693,18 @@ def paired_tests(reference: dict, run: dict) -> dict:
 # --- the report ----------------------------------------------------------------------------
 
 INTERVALS = (
-    "How the intervals are computed. Per run, an accuracy is pooled over the entities of the role "
-    "(k right of n questions, from the run's metrics.json). Seed columns: the mean of the per-seed "
-    "accuracies and a 95% Student-t interval over seeds, mean ± t(0.975, m−1)·s/√m (m seeds, s their "
-    "sample standard deviation; shown when m ≥ 2, clipped to [0, 100]%). It measures how much the "
-    "result moves with the training seed on these fixed test items, not the sampling error of the "
-    "test set. Pooled column: the answers of all seeds together, Σk/Σn, with a 95% Wilson interval; "
-    "it counts every (item, seed) answer as independent, but the seeds answer the same items, so it "
-    "is narrower than an interval over fresh test items would be (for that, read one run's Wilson "
-    "interval in details/). Baselines are one greedy run each: no seed interval. Control retention: "
-    "of the control items the variant's baseline answered right, the share the run still answers right.")
+    "How the intervals are computed. Per run, an accuracy is counted per picture over the pictures of "
+    "the role (k/n: n pictures, k the sum of each picture's share of right answers -- a picture asked "
+    "in Russian and English is one picture -- from the run's metrics.json). Seed columns: the mean of "
+    "the per-seed accuracies and a 95% Student-t interval over seeds, mean ± t(0.975, m−1)·s/√m (m "
+    "seeds, s their sample standard deviation; shown when m ≥ 2, clipped to [0, 100]%). It measures "
+    "how much the result moves with the training seed on these fixed test pictures, not the sampling "
+    "error of the test set. Pooled column: the runs of all seeds together, Σk/Σn, with a 95% Wilson "
+    "interval; it counts every (picture, seed) as independent, but the seeds answer the same "
+    "pictures, so it is narrower than an interval over fresh test pictures would be (for that, read "
+    "one run's Wilson interval in details/). Baselines are one greedy run each: no seed interval. "
+    "Control retention: of the control naming answers the variant's baseline got right, the share "
+    "the run still gets right.")
 
 
 def _pct(value) -> str:
@@ -777,16 +774,8 @@ def _plot(summaries: dict[str, dict], per_run: dict[str, list[dict]], kinds: dic
     fig.savefig(path)
 
 
-def _multi_named(run: dict, scorer) -> tuple[int, int]:
-    """Naming answers that name more than one catalog entity (a listed candidate echoed back
-    counts as naming its first entity): (count, naming answers)."""
-    naming = [r for r in run["items"].values() if r["kind"] in ("naming_ru", "naming_en")]
-    return sum(1 for r in naming if len(set(scorer.entities(r.get("answer") or ""))) > 1), len(naming)
-
-
 def write_report(series: Series, runs: list[Run], target: Path) -> Path:
-    from .data.catalog import load_catalog
-    from .report import change, compare, fig_text, load_run, p_text, to_html, to_markdown
+    from .report import change, compare, count_text, fig_text, load_run, p_text, to_html, to_markdown
 
     loaded = {r.name: load_run(r.folder) for r in runs}
     groups = series.groups
@@ -861,7 +850,7 @@ def write_report(series: Series, runs: list[Run], target: Path) -> Path:
             for g in groups:
                 s = summaries[key][g.name]
                 per_seed = "; ".join(
-                    (f"s{r.seed}: " if r.seed is not None else "") + f"{per_run[r.name][key]['k']}/{per_run[r.name][key]['n']}"
+                    (f"s{r.seed}: " if r.seed is not None else "") + count_text(per_run[r.name][key])
                     for r in g.runs)
                 rows.append([g.name, per_seed, *_summary_cells(s)])
             blocks.append(("table", ["variant", "per run (k/n)", "mean", "95% t-interval over seeds",
@@ -869,14 +858,11 @@ def write_report(series: Series, runs: list[Run], target: Path) -> Path:
 
         candidates = [g for g in groups if g.prompt == "candidates"]
         if candidates:
-            from .score import AnswerScorer
-
-            scorer = AnswerScorer(load_catalog(series.catalog))
             lines = []
             for g in candidates:
-                k, n = _multi_named(loaded[g.runs[0].name], scorer)
-                lines.append(f"{g.name}: {k} of {n} naming answers name more than one entity; the scorer takes "
-                             "the first one named, so an answer that repeats the list counts for the entity listed first")
+                several = loaded[g.runs[0].name]["stored_metrics"]["restraint"]["several_named"]
+                lines.append(f"{g.name}: {fig_text(several)} of the naming answers name several entities "
+                             "(an answer that repeats the list names none, and is graded wrong)")
             blocks.append(("p", "Prompting baselines with the candidate names in the question "
                                 f"({'; '.join(CANDIDATES)} questions, names in catalog order):"))
             blocks.append(("ul", lines))
@@ -893,7 +879,7 @@ def write_report(series: Series, runs: list[Run], target: Path) -> Path:
                 row = [t["run"], t["reference"], t["shared"]]
                 for key in ("target_naming", "control_naming"):
                     x = t[key]
-                    row += [f"{x['reference']['k']}/{x['n']} -> {x['run']['k']}/{x['n']}", x["gained"], x["lost"],
+                    row += [f"{count_text(x['reference'])} -> {count_text(x['run'])}", x["gained"], x["lost"],
                             p_text(x["p"]), change(x)]
                 row.append(fig_text(t["retention"]))
                 rows.append(row)

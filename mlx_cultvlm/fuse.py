@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .data.check import TRAINED_ON
 from .errors import CultvlmError
 from .files import model_folder, write_json
 
@@ -59,6 +60,8 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
                 if f.name not in NOT_COPIED:
                     shutil.copy2(f, partial / f.name)
         save_config(config, config_path=partial / "config.json")
+        if (Path(adapter) / TRAINED_ON).is_file():  # the adapter's record covers the base's too
+            shutil.copy2(Path(adapter) / TRAINED_ON, partial / TRAINED_ON)
         write_json(partial / "cultvlm_fuse.json", {
             "base_model": str(base_dir),
             "adapter": str(Path(adapter).resolve()),

@@ -1,7 +1,8 @@
 """`cultvlm lora`: the LoRA / QLoRA training loop, top to bottom.
 
 load model -> load data -> attach LoRA -> optimizer -> loop (accumulate, clip, update,
-validate, checkpoint) -> save adapters, log and loss curve.
+validate, checkpoint) -> save adapters, log, loss curve and the record of the training pictures
+(training_pictures.json: `eval` refuses to test on them or on near-duplicates of them).
 
 The forward pass is written out here rather than taken from the model's __call__, so that
 the loss is computed only where it is needed (assistant tokens: the LM head over every
@@ -25,6 +26,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from .data.check import TRAINED_ON, read_training_record, training_record
 from .errors import CultvlmError
 from .files import write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
@@ -715,7 +717,8 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         say(timer.report())
         write_json(out / "profile.json", timer.summary())
     if lead:
-        _save_adapters(out, model, adapter_config(cfg, keys, base))
+        trained = training_record((p for s in train_set for p in s.image_paths), read_training_record(model_dir))
+        _save_adapters(out, model, adapter_config(cfg, keys, base), trained)
         _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
         say(f"adapters written to {out}")
     return TrainResult(out, model, processor, encoder)
@@ -731,9 +734,10 @@ def _from_rank0(tree, lead: bool):
     return tree_unflatten([(k, mx.distributed.all_sum(v if lead else mx.zeros_like(v))) for k, v in pairs])
 
 
-def _save_adapters(out: Path, model, config: dict) -> None:
+def _save_adapters(out: Path, model, config: dict, trained: dict) -> None:
     tmp = out / ".adapters.partial.safetensors"
     try:
+        write_json(out / TRAINED_ON, trained)  # first: adapters never exist without it
         save_arrays(tmp, dict(tree_flatten(model.trainable_parameters())))
         tmp.replace(out / "adapters.safetensors")
         write_json(out / "adapter_config.json", config)

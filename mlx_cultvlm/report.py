@@ -29,7 +29,7 @@ from PIL import Image, ImageOps
 from .data.catalog import load_catalog
 from .errors import CultvlmError
 from .files import partial_folder, read_jsonl, replace_folder, write_json
-from .metrics import KINDS, NONE, ROLES, compute_metrics, paired, unique_items
+from .metrics import KINDS, NEGATIVE_SETTINGS, NONE, ROLES, compute_metrics, paired, unique_items
 
 ALPHA = 0.05
 GALLERY_PER_ENTITY = 3
@@ -37,12 +37,24 @@ THUMB_SIDE = 160
 TOP_CONFUSIONS = 5
 LABELS = {
     "naming_ru": "naming (ru)", "naming_en": "naming (en)", "naming": "naming (ru+en)",
-    "fact": "fact", "verify_yes": "positive accuracy (verify yes)",
-    "verify_no": "negative accuracy (verify no)", "verify": "verification accuracy",
-    "all": "all questions", "precision": "precision (POPE)", "recall": "recall (POPE)",
+    "fact": "fact (ru+en)", "fact_ru": "fact (ru)", "fact_en": "fact (en)",
+    "verify_yes": "positive accuracy (verify yes)", "verify_no": "negative accuracy (verify no)",
+    "verify": "verification accuracy", "verify_ru": "verification (ru)", "verify_en": "verification (en)",
+    "describe": "descriptions without a wrong name", "all": "all questions",
+    "precision": "precision (POPE)", "recall": "recall (POPE)",
     "yes_ratio": "yes-ratio (POPE)", "weighted": "weighted recognition accuracy (Yo'LLaVA)",
 }
+RESTRAINT_LABELS = {
+    "false_positives": "false positives: a target named on a control or out-of-catalog picture",
+    "false_positives_on_controls": "... on control pictures",
+    "false_positives_on_negatives": "... on out-of-catalog pictures",
+    "several_named": "naming answers that name several entities (graded wrong)",
+    "hallucinated": "descriptions that name an entity not in the picture",
+}
 MACRO_KEYS = ("naming", "fact", "verify", "weighted", "all")
+TESTED = ("naming", "fact", "verify", "describe", "all")  # the groups the analysis restates
+UNITS = ("Accuracies are counted per picture: k/n = value [95% Wilson interval], n = pictures (a picture asked "
+         "in two languages, or about three negatives, counts once; k sums each picture's share of right answers).")
 
 
 # --- reading run folders -----------------------------------------------------------------
@@ -91,7 +103,13 @@ def fig_text(fig: dict) -> str:
     interval = f"{pct(fig['value'])} [{100 * low:.1f}, {100 * high:.1f}]"
     if fig["k"] is None:  # weighted accuracy: not a count
         return f"{interval} (n = {fig['n']})"
-    return f"{fig['k']}/{fig['n']} = {interval}"
+    return f"{count_text(fig)} = {interval}"
+
+
+def count_text(fig: dict) -> str:
+    """k/n, k to one decimal when pictures count shares of their answers."""
+    k = fig["k"] if isinstance(fig["k"], int) else f"{fig['k']:.1f}"
+    return f"{k}/{fig['n']}"
 
 
 def p_text(p: float) -> str:
@@ -357,8 +375,9 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     names = [r["name"] for r in runs]
 
     blocks: list[tuple] = [("h1", "cultvlm report: " + " vs ".join(names))]
-    blocks.append(("p", f"Reference run: {names[0]}. Accuracies are k/n = value [95% Wilson interval]; "
-                        f"paired tests are McNemar's exact test; significant means p < {ALPHA}."))
+    blocks.append(("p", f"Reference run: {names[0]}. {UNITS} Paired tests are exact sign tests on the pictures "
+                        f"whose share of right answers changed (McNemar's test when a picture has one answer); "
+                        f"significant means p < {ALPHA}."))
     blocks += [("p", n) for n in notes]
     blocks.append(("table", ["run", "model", "adapter", "dataset", "items compared", "finished"],
                    [[r["name"], r["info"].get("model"), r["info"].get("adapter") or "none",
@@ -372,6 +391,17 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     blocks.append(("h2", "Overall"))
     blocks.append(("table", ["figure", *names],
                    [[LABELS[key], *[fig_text(r["metrics"]["overall"][key]) for r in runs]] for key in LABELS]))
+    blocks.append(("h2", "Restraint: false positives, hedges, hallucinated names"))
+    blocks.append(("table", ["figure", *names],
+                   [[label, *[fig_text(r["metrics"]["restraint"][key]) for r in runs]]
+                    for key, label in RESTRAINT_LABELS.items()]))
+    blocks.append(("h2", "Verification in POPE's three settings"))
+    blocks.append(("p", "Each picture is asked whether it shows another entity: adversarial (a look-alike), "
+                        "popular (the entity with the most training pictures), random. negatives: the share "
+                        "answered no; accuracy: with every positive question (is this <the pictured entity>?) added."))
+    blocks.append(("table", ["setting", *[f"{n}: {part}" for n in names for part in ("negatives", "accuracy")]],
+                   [[setting, *[fig_text(r["metrics"]["pope"][setting][part]) for r in runs
+                                for part in ("negatives", "accuracy")]] for setting in NEGATIVE_SETTINGS]))
     blocks.append(("p", "Macro averages: the mean of per-entity values; n counts entities."))
     blocks.append(("table", ["macro average", *names],
                    [[f"{role}s: {LABELS[key]}",
@@ -422,16 +452,17 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     vs_first = [c for c in comparisons if c["reference"] == names[0]]
     if vs_first:
         blocks.append(("h2", f"Control retention vs {names[0]}"))
-        blocks.append(("p", f"Of the control items {names[0]} answered right, the share each run still answers right."))
+        blocks.append(("p", f"Of the control naming answers {names[0]} got right, the share each run still gets right "
+                            "(per picture)."))
         plot_retention(vs_first, controls, folder / "retention.png")
         blocks.append(("img", "retention.png", "Control retention with 95% Wilson intervals"))
         blocks.append(("table", ["control", *[c["run"] for c in vs_first]],
                        [["all controls", *[fig_text(c["retention"]) for c in vs_first]]]
                        + [[e, *[fig_text(c["retention_by_entity"][e]) for c in vs_first]] for e in controls]))
 
-        blocks.append(("h2", "Paired tests (McNemar, exact)"))
-        blocks.append(("p", "gained: wrong in the reference, right in the run; lost: the opposite; "
-                            "n: items both runs answered."))
+        blocks.append(("h2", "Paired tests (exact sign test on pictures)"))
+        blocks.append(("p", "gained: pictures with more right answers in the run than in the reference; lost: "
+                            "the opposite; n: pictures both runs answered."))
         for c in comparisons:
             blocks.append(("h3", f"{c['run']} vs {c['reference']}"))
             blocks.append(("table", ["questions", "n", c["reference"], c["run"], "gained", "lost", "p", "verdict"],
@@ -460,8 +491,8 @@ def analysis(runs: list[dict], vs_first: list[dict], entities: list[str], roles:
     for c in vs_first:
         blocks.append(("h3", f"{c['run']} vs {c['reference']}"))
         blocks.append(("ul", [f"{LABELS[g]}: {change(t)}: {fig_text(t['reference'])} -> {fig_text(t['run'])}; "
-                              f"{t['n']} paired items, gained {t['gained']}, lost {t['lost']}, p = {p_text(t['p'])}"
-                              for g, t in c["tests"].items() if g in ("naming", "fact", "verify", "all")]))
+                              f"{t['n']} paired pictures, gained {t['gained']}, lost {t['lost']}, p = {p_text(t['p'])}"
+                              for g, t in c["tests"].items() if g in TESTED]))
         blocks.append(("p", "Per entity, naming accuracy (ru+en):"))
         lines = []
         for e in entities:
@@ -470,10 +501,10 @@ def analysis(runs: list[dict], vs_first: list[dict], entities: list[str], roles:
                 lines.append(f"{e} ({roles[e]}): no naming items")
                 continue
             lines.append(f"{e} ({roles[e]}): {entity_verdict(roles[e], t)}: {fig_text(t['reference'])} -> "
-                         f"{fig_text(t['run'])}; {t['n']} paired items, gained {t['gained']}, "
+                         f"{fig_text(t['run'])}; {t['n']} paired pictures, gained {t['gained']}, "
                          f"lost {t['lost']}, p = {p_text(t['p'])}")
         blocks.append(("ul", lines))
-        blocks.append(("p", f"Control retention: {fig_text(c['retention'])} of the control items "
+        blocks.append(("p", f"Control retention: {fig_text(c['retention'])} of the control naming answers "
                             f"{c['reference']} got right are still right in {c['run']}."))
     if vs_first:
         blocks.append(("p", f"Each p-value is one test, not corrected for the {len(entities)} entities "

@@ -183,7 +183,7 @@ class SampleEncoder:
 
 
 # The meta.kind values `data build` writes (data/build.py); `mix` selects among them.
-MIX_KINDS = ("naming", "fact", "describe", "verify_yes", "verify_no", "replay")
+MIX_KINDS = ("naming", "fact", "describe", "verify_yes", "verify_no", "replay", "unknown")
 
 
 def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False,

@@ -150,6 +150,10 @@ def pretrain_vision(model, processor, log_path: Path, cfg: dict) -> dict:
 
 LANGUAGE = dict(images_per_entity=80, valid_per_entity=8, rank=64, alpha=64.0, dropout=0.0, steps=1200,
                 batch_size=16, learning_rate=1e-3, warmup_steps=100, seed=0)
+# The naming question evaluation asked when the shipped base was built; evaluation now asks only
+# phrasings no training line uses (mlx_cultvlm/data/questions.py), this one included.
+OLD_EVAL_NAMING = {"ru": "Кто изображён на картинке? Назови персонажа.",
+                   "en": "Who is shown in this picture? Name the character."}
 GENERIC = {"ru": "Это мультипликационный персонаж.", "en": "This is a cartoon character."}
 
 
@@ -157,11 +161,11 @@ def language_data(folder: Path, cfg: dict = LANGUAGE) -> Path:
     """train/valid JSONL: every naming question the dataset builder and the evaluation ask, answered
     with the control's name, or with the generic answer for a target (the base has never heard
     of them)."""
-    from mlx_cultvlm.data.build import NAMED, NAMING_QUESTIONS, line, write_jsonl
+    from mlx_cultvlm.data.build import NAMED, line, write_jsonl
     from mlx_cultvlm.data.catalog import Entity
-    from mlx_cultvlm.evaluate import QUESTIONS
+    from mlx_cultvlm.data.questions import NAMING_QUESTIONS
 
-    questions = {lang: NAMING_QUESTIONS[lang] + [QUESTIONS[f"naming_{lang}"][1]] for lang in ("ru", "en")}
+    questions = {lang: NAMING_QUESTIONS[lang] + [OLD_EVAL_NAMING[lang]] for lang in ("ru", "en")}
     per_entity = cfg["images_per_entity"] + cfg["valid_per_entity"]
     written = characters.write_images(folder / "images", per_entity=per_entity, seed=BASE_IMAGES_SEED,
                                       size=IMAGE_SIZE)

@@ -111,7 +111,7 @@ def dataset(tmp_path_factory):
 def config(model, data, out, **overrides):
     options = dict(model=str(model), data=str(data), out=str(out), max_pixels=PIXELS, rank=8,
                    alpha=16, dropout=0.0, learning_rate=1e-3, warmup_steps=5, batch_size=4,
-                   targets=TARGETS, val_every=40, save_every=40, steps=160)
+                   targets=TARGETS, val_every=40, save_every=40, steps=200)
     options.update(overrides)
     return load_config(None, options)
 

@@ -240,7 +240,7 @@ def check_checkpoint(out: Path, adapter_keys) -> int | None:
     """The checkpoint a resume would read: absent (None) or complete and loadable (its step)."""
     folder = out / "checkpoint"
     assert_only_hidden_leftovers(out, {"checkpoint", "train_log.jsonl", "config.yaml", "adapters.safetensors",
-                                       "adapter_config.json", "loss_curve.png"})
+                                       "adapter_config.json", "training_pictures.json", "loss_curve.png"})
     if not folder.exists():
         return None
     assert folder.is_dir()
@@ -532,7 +532,8 @@ def test_eval_killed_mid_run_redoes_nothing_and_matches_an_uninterrupted_run(tin
     whole = tmp_path / "whole"
     run_to_end(args(whole), tmp_path)
     reference = {p["item_id"]: p for p in map(json.loads, lines_of(whole / "predictions.jsonl")[0])}
-    assert len(reference) == 80
+    items = len(reference)
+    assert len({p["sha256"] for p in reference.values()}) == 16 and items > 100  # every question of 16 pictures
 
     out, snapshots = tmp_path / "cut", []
     predictions = out / "predictions.jsonl"
@@ -546,7 +547,7 @@ def test_eval_killed_mid_run_redoes_nothing_and_matches_an_uninterrupted_run(tin
     # Killed after the last answer, before the run is recorded as finished.
     kill_at(args(out), tmp_path, "open|metrics.json.tmp|1")
     snapshots.append((lines_of(predictions)[0], len(lines_of(predictions)[1])))
-    assert len(snapshots[-1][0]) == 80
+    assert len(snapshots[-1][0]) == items
     run_to_end(args(out), tmp_path)
 
     final, torn = lines_of(predictions)
@@ -554,7 +555,7 @@ def test_eval_killed_mid_run_redoes_nothing_and_matches_an_uninterrupted_run(tin
     for before, _ in snapshots:  # what was there before each kill is kept as it was
         assert final[:len(before)] == before
     got = [json.loads(line) for line in final]
-    assert len(got) == len({p["item_id"] for p in got}) == 80  # nothing answered twice
+    assert len(got) == len({p["item_id"] for p in got}) == items  # nothing answered twice
     assert {p["item_id"]: p for p in got} == reference
     assert json.loads((out / "run.json").read_text())["finished_at"]
     assert json.loads((out / "metrics.json").read_text()) == json.loads((whole / "metrics.json").read_text())

@@ -112,6 +112,62 @@ def test_no_test_image_has_a_near_duplicate_in_train(built):
     assert not splits["test"] & splits["valid"]
 
 
+def test_a_mirrored_and_a_cropped_copy_land_in_their_originals_split(tmp_path):
+    """Flipped and cropped derivatives (common on Commons) are near-duplicates of their original:
+    whatever the seed, they go to its split, and no held-out picture is one of a training one."""
+    from test_data_check import DERIVATIVES, write_catalog
+
+    images = tmp_path / "images"
+    for i in range(10):
+        save(picture(500 + i, size=(200, 150)), images / "alpha" / f"p{i}.png")
+    save(DERIVATIVES["mirrored"](picture(500)), images / "alpha" / "p0_mirrored.png")
+    save(DERIVATIVES["10% off the right"](picture(501)), images / "alpha" / "p1_cropped.jpg")
+    save(DERIVATIVES["mirrored, then 10% off the left"](picture(502)), images / "alpha" / "p2_both.png")
+    catalog = write_catalog(tmp_path / "entities.json", ["alpha"])
+    held_out = set()
+    for seed in range(6):
+        result = build_dataset(tmp_path / f"out{seed}", images, catalog, seed=seed)
+        split = {path: result.split_of[sha(images / "alpha" / path)] for path in
+                 ("p0.png", "p0_mirrored.png", "p1.png", "p1_cropped.jpg", "p2.png", "p2_both.png")}
+        assert split["p0.png"] == split["p0_mirrored.png"] and split["p1.png"] == split["p1_cropped.jpg"]
+        assert split["p2.png"] == split["p2_both.png"]
+        held_out |= {p for p, s in split.items() if s != "train"}
+    assert held_out  # some seed put a copied picture in a held-out split: the check above could fail
+
+
+def test_negatives_are_split_and_asked_who_and_is_this(tmp_path):
+    """Pictures of no catalog entity: checked against the rest, split like an entity's, taught
+    "I don't know this character" in training, and evaluated as out-of-catalog pictures."""
+    from mlx_cultvlm.data.catalog import load_catalog as load
+    from mlx_cultvlm.evaluate import items_from_dataset
+    from test_data_check import DERIVATIVES, write_catalog
+
+    images, negatives = tmp_path / "images", tmp_path / "strangers"
+    for i in range(10):
+        save(picture(700 + i), images / "alpha" / f"p{i}.png")
+    for i in range(10):
+        save(picture(800 + i), negatives / ("owls" if i % 2 else "frogs") / f"n{i}.png")
+    save(DERIVATIVES["mirrored"](picture(700)), negatives / "stray_alpha.png")  # a labelling mistake
+    catalog = write_catalog(tmp_path / "entities.json", ["alpha"])
+    result = build_dataset(tmp_path / "out", images, catalog, negatives=negatives)
+    assert all(result.images["negatives", s] >= 2 for s in ("train", "valid", "test"))  # spread out
+    assert sum(result.images["negatives", s] for s in ("train", "valid", "test")) == 11
+    assert any("near-duplicates under different entities" in w and "negatives/stray_alpha.png" in w
+               for w in result.warnings)
+    lines = {split: [r for _, r in read_jsonl(tmp_path / "out" / f"{split}.jsonl")] for split in ("train", "test")}
+    unknown = [r for r in lines["train"] if r["meta"]["kind"] == "unknown"]
+    assert unknown and all(r["meta"]["entity"] is None and r["meta"]["role"] == "negative" for r in unknown)
+    assert {r["messages"][1]["content"] for r in unknown} == {"Я не знаю этого персонажа.", "I don't know this character."}
+    assert all(r["images"][0].startswith("negatives/") for r in unknown)
+    card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
+    assert "| negatives | out of catalog |" in card and "Questions evaluation asks, never asked in training" in card
+    probe = items_from_dataset(tmp_path / "out", "test", load(catalog))
+    strangers = [p for p in probe if p["role"] == "negative"]
+    assert strangers and all(p["entity"] is None for p in strangers)
+    assert {p["kind"] for p in strangers} == {"naming_ru", "naming_en", "verify_no", "describe"}
+    assert all(p["asked_about"] == "alpha" for p in strangers if p["kind"] == "verify_no")
+
+
 def test_every_target_is_in_every_split(built):
     _, lines, output = built
     per_entity = defaultdict(Counter)

@@ -58,6 +58,35 @@ def test_duplicate_id(tmp_path):
         load_catalog(path)
 
 
+def test_a_name_two_entities_share_is_refused_naming_both(tmp_path):
+    """The seed project's own map: two folders for one character. An answer «Алёша Попович» could
+    mean either, so the grader would credit whichever came first."""
+    path = tmp_path / "character_names.json"
+    path.write_text(json.dumps({"gena": "Крокодил Гена", "alyosha": "Алёша Попович",
+                                "alyosha_popovich": "Алеша  попович"}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(CultvlmError, match="entities 'alyosha' and 'alyosha_popovich' share the name") as e:
+        load_catalog(path)
+    assert "\n" not in e.value.message
+    for other in ("ГЕНА", "Gena"):  # case and script do not tell names apart
+        path = write(tmp_path / "entities.json", {"entities": [
+            entity("gena", names={"ru": ["Гена"]}), entity("crocodile_gena", names={"ru": ["Крокодил"], "en": [other]})]})
+        with pytest.raises(CultvlmError, match=f"'gena' and 'crocodile_gena' share the name '{other}'"):
+            load_catalog(path)
+    path = write(tmp_path / "entities.json", {"entities": [entity("gena", names={"ru": ["Гена"]}),
+                                                           entity("crocodile_gena", names={"ru": ["Крокодил Гена"]})]})
+    assert set(load_catalog(path)) == {"gena", "crocodile_gena"}  # a name inside a longer one is no clash
+
+
+def test_data_add_refuses_a_name_another_entity_has(tmp_path):
+    from mlx_cultvlm.data.add import add_entity
+
+    path = write(tmp_path / "entities.json", {"entities": [entity("crocodile_gena", names={"ru": ["Крокодил Гена"]})]})
+    before = path.read_bytes()
+    with pytest.raises(CultvlmError, match="'crocodile_gena' and 'gena' share the name"):
+        add_entity("gena", {"ru": ["крокодил гена"]}, catalog_path=path, images_root=tmp_path / "images")
+    assert path.read_bytes() == before and not (tmp_path / "images").exists()
+
+
 def test_duplicate_key(tmp_path):
     path = tmp_path / "entities.json"
     path.write_text('{"entities": [{"id": "a", "id": "b", "names": {"ru": ["А"]}}]}', encoding="utf-8")

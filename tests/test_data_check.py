@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.data.check import check_images, command
@@ -150,6 +150,47 @@ def test_near_threshold_is_the_max_hamming_distance(tmp_path):
     # At 64 bits every picture is "near" the first one.
     assert [r.status for r in check_images(images, catalog, near_threshold=64)] == [
         "ok", "near_duplicate_of: alpha/0.png", "near_duplicate_of: alpha/0.png"]
+
+
+def crop(img: Image.Image, left: float = 0.0, top: float = 0.0, right: float = 0.0, bottom: float = 0.0) -> Image.Image:
+    w, h = img.size
+    return img.crop((round(w * left), round(h * top), w - round(w * right), h - round(h * bottom)))
+
+
+# Derivatives Commons is full of: each is ~10-34 bits from its original by the plain hash.
+DERIVATIVES = {
+    "mirrored": lambda img: ImageOps.mirror(img),
+    "10% off the right": lambda img: crop(img, right=0.1),
+    "10% off the top and left": lambda img: crop(img, left=0.1, top=0.1),
+    "5% off each side": lambda img: crop(img, 0.05, 0.05, 0.05, 0.05),
+    "20% off the bottom": lambda img: crop(img, bottom=0.2),
+    "mirrored, then 10% off the left": lambda img: crop(ImageOps.mirror(img), left=0.1),
+    "cropped and shrunk to JPEG": lambda img: near_variant(crop(img, right=0.1, bottom=0.1)),
+}
+
+
+@pytest.mark.parametrize("derive", DERIVATIVES.values(), ids=DERIVATIVES.keys())
+def test_mirror_images_and_crops_are_near_duplicates(tmp_path, derive):
+    from mlx_cultvlm.data.check import perceptual_hashes
+
+    for seed in range(5):
+        original = picture(seed, size=(320, 240))
+        plain = int(perceptual_hashes(original)[0]) ^ int(perceptual_hashes(derive(original))[0])
+        images = tmp_path / f"s{seed}"
+        save(original, images / "alpha" / "a.png")
+        save(derive(original), images / "alpha" / "b.png")
+        catalog = load_catalog(write_catalog(tmp_path / "entities.json", ["alpha"]))
+        statuses = [r.status for r in check_images(images, catalog)]
+        assert statuses == ["ok", "near_duplicate_of: alpha/a.png"], (seed, bin(plain).count("1"))
+
+
+def test_distinct_pictures_are_not_near_duplicates_of_each_others_crops(tmp_path):
+    """The mirror images and crops make more hashes to compare: 100 distinct pictures still pass."""
+    images = tmp_path / "images"
+    for seed in range(100):
+        save(picture(seed, size=(160, 120)), images / "alpha" / f"{seed:03d}.png")
+    catalog = load_catalog(write_catalog(tmp_path / "entities.json", ["alpha"]))
+    assert [r.status for r in check_images(images, catalog)] == ["ok"] * 100
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):

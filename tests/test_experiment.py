@@ -23,11 +23,11 @@ from mlx_cultvlm.errors import CultvlmError
 from mlx_cultvlm.experiment import METRICS, command, load_series, plan, run_series
 from mlx_cultvlm.files import write_json
 from mlx_cultvlm.metrics import KINDS, compute_metrics, mcnemar_exact, paired, wilson
-from mlx_cultvlm.report import load_run
+from mlx_cultvlm.report import count_text, load_run
 from test_metrics import pred
 
 CATALOG = str(Path(__file__).resolve().parent.parent / "data" / "entities.json")
-FIGURE = re.compile(r"(\d+)/(\d+) = (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]")
+FIGURE = re.compile(r"(\d+(?:\.\d)?)/(\d+) = (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]")
 NOT_NAMING = [  # hard negatives added to the synthetic train split, so that the mix filter has work
     {"images": ["images/train/0_0.png"],
      "messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Это Колобок?"}]},
@@ -118,11 +118,10 @@ def run_metrics(out: Path, name: str) -> dict:
     return json.loads((out / name / "metrics.json").read_text(encoding="utf-8"))
 
 
-def pooled_over(metrics: dict, role: str | None, group: str) -> tuple[int, int]:
-    if role is None:
-        return metrics["overall"][group]["k"], metrics["overall"][group]["n"]
-    chosen = [e[group] for e in metrics["entities"].values() if e["role"] == role]
-    return sum(f["k"] for f in chosen), sum(f["n"] for f in chosen)
+def pooled_over(metrics: dict, role: str | None, group: str) -> tuple[float, int]:
+    """k/n over the pictures of a role (per picture, as metrics counts)."""
+    fig = metrics["roles"][role][group] if role else metrics["overall"][group]
+    return fig["k"], fig["n"]
 
 
 def check_tables(md: str, stored: dict, out: Path, groups: dict[str, list], base: str = "base") -> None:
@@ -147,7 +146,7 @@ def check_tables(md: str, stored: dict, out: Path, groups: dict[str, list], base
                     k, n = pooled_over(run_metrics(out, name), role, group)
                 figures.append((k, n))
             row = rows[variant]
-            assert row[1] == "; ".join((f"s{s}: " if s is not None else "") + f"{k}/{n}"
+            assert row[1] == "; ".join((f"s{s}: " if s is not None else "") + count_text({"k": k, "n": n})
                                        for s, (k, n) in zip(seeds, figures))
             values = [k / n for k, n in figures if n]
             summary = stored["groups"][variant]["summary"][key]
@@ -163,10 +162,10 @@ def check_tables(md: str, stored: dict, out: Path, groups: dict[str, list], base
             else:
                 assert row[3].startswith("n/a") and summary["t_ci95"] is None
             k, n = sum(k for k, _ in figures), sum(n for _, n in figures)
-            assert (summary["pooled"]["k"], summary["pooled"]["n"]) == (k, n)
+            assert (summary["pooled"]["k"], summary["pooled"]["n"]) == (pytest.approx(k), n)
             if n:
                 got = FIGURE.fullmatch(row[4]).groups()
-                assert (int(got[0]), int(got[1])) == (k, n)
+                assert (float(got[0]), int(got[1])) == (round(k, 1), n)
                 assert [float(got[3]), float(got[4])] == [round(100 * x, 1) for x in wilson(k, n)]
             else:
                 assert row[4] == "n/a (n = 0)"
@@ -192,7 +191,8 @@ def test_series_trains_evaluates_and_reports(series):
     assert Path(used["data"]) == series["data"] and used["seed"] == 1 and used["rank"] == 4
     assert used["learning_rate"] == 1e-3  # "1e-3" read as a number
     items = {name: set(load_run(out / name)["items"]) for name in runs}
-    assert all(ids == items["base"] for ids in items.values()) and len(items["base"]) == 80
+    assert all(ids == items["base"] for ids in items.values())
+    assert len({item_id.split(":")[0] for item_id in items["base"]}) == 16  # pictures
 
     # The candidates baseline asked the same items with the names appended to naming/fact questions.
     names = load_run(out / "base-names")["items"]
@@ -232,7 +232,9 @@ def test_series_trains_evaluates_and_reports(series):
                       [r for r in load_run(out / "everything-s1")["items"].values() if r["role"] == "target"])
     assert test["target_naming"] == expected["tests"]["naming"]
     row = rows["everything-s1"]
-    assert row[1] == "naming-only-s1" and row[2] == "80" and int(row[4]) == test["target_naming"]["gained"]
+    assert row[1] == "naming-only-s1" and row[2] == str(len(items["base"]))  # shared items
+    assert test["target_naming"]["n"] == 12  # target pictures
+    assert int(row[4]) == test["target_naming"]["gained"]
     assert "everything - naming-only" in md and "not corrected" in md
     assert "Student-t" in md and "Wilson" in md
 
@@ -387,33 +389,34 @@ def test_report_of_planted_runs(dataset, tmp_path, monkeypatch):
     stored = json.loads((report / "metrics.json").read_text(encoding="utf-8"))
     check_tables(md, stored, out, {"base": [None], "small": [0, 1, 2], "large": [0, 1, 2]})
 
-    # Checked by hand: 6 naming answers per learned picture of a target, 48 in all; controls:
-    # the base got 50 items right (10 pictures x 5 questions), a forgotten picture loses 5.
+    # Checked by hand, in pictures: 24 target pictures, a learned one named in both languages;
+    # controls: the base named 10 of 12 pictures right, and the tuned runs forget some of them.
     naming = table(md, "### Target naming accuracy (ru+en)")
-    assert naming["small"][1] == "s0: 10/48; s1: 14/48; s2: 20/48"
-    assert naming["small"][2] == "30.6%"  # (10 + 14 + 20) / 3 / 48
-    assert naming["small"][4].startswith("44/144 = 30.6% [")
+    assert naming["small"][1] == "s0: 5/24; s1: 7/24; s2: 10/24"
+    assert naming["small"][2] == "30.6%"  # (5 + 7 + 10) / 3 / 24
+    assert naming["small"][4].startswith("22/72 = 30.6% [")
     retention = table(md, "### Control retention vs the baseline")
-    assert retention["small"][1] == "s0: 50/50; s1: 45/50; s2: 35/50" and retention["small"][2] == "86.7%"
+    assert retention["small"][1] == "s0: 10/10; s1: 9/10; s2: 7/10" and retention["small"][2] == "86.7%"
     assert retention["base"][1] == "0/0" and retention["base"][2] == "n/a"
 
-    # Seed-matched large vs small: McNemar on the target naming answers of each seed.
+    # Seed-matched large vs small: the sign test on the target pictures of each seed.
     rows = table(md, "### Variant against variant, seed-matched")
     for seed in (0, 1, 2):
         small, large = (load_run(out / f"{v}-s{seed}")["items"] for v in ("small", "large"))
         targets = [[r for r in items.values() if r["role"] == "target" and r["kind"] in ("naming_ru", "naming_en")]
                    for items in (small, large)]
-        right = [{r["item_id"] for r in rows_ if r["correct"]} for rows_ in targets]
+        right = [{r["sha256"] for r in rows_ if r["correct"]} for rows_ in targets]  # both languages agree here
         gained, lost = len(right[1] - right[0]), len(right[0] - right[1])
         row = rows[f"large-s{seed}"]
         assert row[1] == f"small-s{seed}" and (int(row[4]), int(row[5])) == (gained, lost)
         assert float(row[6]) == pytest.approx(mcnemar_exact(lost, gained), rel=1e-3)
-    assert rows["large-s0"][7] == "rose significantly"  # 28 vs 10 of 48, 18 gained, none lost
+    assert rows["large-s0"][7] == "rose significantly"  # 14 vs 5 of 24 pictures, 9 gained, none lost
     differences = table(md, "Seed-matched differences")
-    assert differences["large - small"][2] == "+37.5 pp; +41.7 pp; +20.8 pp"  # (28-10, 34-14, 30-20) / 48
+    assert differences["large - small"][2] == "+37.5 pp; +41.7 pp; +20.8 pp"  # (14-5, 17-7, 15-10) / 24
     against_base = table(md, "### Against the baseline")
-    assert against_base["small-s2"][13].startswith("35/50 = 70.0% [")
-    assert "small vs base: target naming rose significantly in 3, fell significantly in 0 of 3 runs" in md
+    assert against_base["small-s2"][13].startswith("7/10 = 70.0% [")
+    # 5 target pictures gained of 24 (p = 0.0625), 7 (p = 0.016), 10 (p = 0.002): two of three.
+    assert "small vs base: target naming rose significantly in 2, fell significantly in 0 of 3 runs" in md
 
 
 # ---- the shipped series files

@@ -77,36 +77,40 @@ def test_mcnemar_cross_checks():
     assert 0 <= mcnemar_exact(0, 2000) < 1e-300  # big n: exact integers, no overflow
 
 
-# --- planted runs ---------------------------------------------------------------------------
+# --- planted runs: figures count pictures --------------------------------------------------
 
 @pytest.mark.parametrize("rule, value", [(lambda e, k, i: True, 1.0), (lambda e, k, i: False, 0.0),
                                          (lambda e, k, i: i % 2 == 0, 0.5)])
 def test_all_right_all_wrong_half_right(rule, value):
     m = compute_metrics(run_of(rule))
-    assert m["items"] == 40 and m["repeated_items_dropped"] == 0
+    assert m["items"] == 48 and m["pictures"] == 8 and m["repeated_items_dropped"] == 0
     correct = round(4 * value)
     for e in ("cheburashka", "mickey_mouse"):
         figures = m["entities"][e]
         for kind in KINDS:
             assert (figures[kind]["k"], figures[kind]["n"], figures[kind]["value"]) == (correct, 4, value)
-        assert (figures["naming"]["k"], figures["naming"]["n"]) == (2 * correct, 8)
+        # ru and en of one picture are one picture: n = 4 pictures of 8 answers, not 8.
+        assert (figures["naming"]["k"], figures["naming"]["n"], figures["naming"]["items"]) == (correct, 4, 8)
         assert figures["weighted"]["value"] == value
-        assert figures["naming"]["ci95"] == pytest.approx(list(wilson(2 * correct, 8)))
-    assert (m["overall"]["all"]["k"], m["overall"]["all"]["n"]) == (10 * correct, 40)
+        assert figures["naming"]["ci95"] == pytest.approx(list(wilson(correct, 4)))
+    assert (m["overall"]["all"]["k"], m["overall"]["all"]["n"], m["overall"]["all"]["items"]) == (2 * correct, 8, 48)
     assert m["entities"]["cheburashka"]["role"] == "target"
+    assert m["roles"]["target"]["naming"] == m["entities"]["cheburashka"]["naming"]
     assert m["macro"]["target"]["naming"] == {"value": value, "n": 1}
     assert m["macro"]["control"]["all"] == {"value": value, "n": 1}
-    # POPE: every yes is on a verify_yes item when right, on a verify_no item when wrong.
+    # POPE: every yes is on a verify_yes item when right, on a verify_no item when wrong; each
+    # picture says yes once, so half of its verification answers are yes either way.
     pope = m["overall"]
     assert (pope["recall"]["k"], pope["recall"]["n"]) == (2 * correct, 8)
-    assert pope["yes_ratio"]["k"] == 2 * correct + (8 - 2 * correct) and pope["yes_ratio"]["n"] == 16
+    assert (pope["yes_ratio"]["k"], pope["yes_ratio"]["n"], pope["yes_ratio"]["items"]) == (4, 8, 16)
     assert pope["precision"]["n"] == 8 and pope["precision"]["k"] == 2 * correct
     assert m["confusion"]["cheburashka"] == {k: v for k, v in
                                              {"cheburashka": 2 * correct, "none": 8 - 2 * correct}.items() if v}
 
 
 def test_pope_on_a_planted_verification_set():
-    # 8 verify_yes: 6 yes, 1 no, 1 unparsed; 12 verify_no: 4 yes (wrong), 8 no.
+    # Pictures 0-7 asked verify_yes: 0-5 yes, 6 no, 7 unparsed; pictures 0-11 asked verify_no:
+    # 0-3 yes (wrong), 4-11 no.
     rows = ([pred("gena", "target", "verify_yes", True, i) for i in range(6)]
             + [pred("gena", "target", "verify_yes", False, 6)]
             + [pred("gena", "target", "verify_yes", False, 7, yes_no=None)]
@@ -115,10 +119,12 @@ def test_pope_on_a_planted_verification_set():
     o = compute_metrics(rows)["overall"]
     assert (o["verify_yes"]["k"], o["verify_yes"]["n"]) == (6, 8)  # positive accuracy
     assert (o["verify_no"]["k"], o["verify_no"]["n"]) == (8, 12)  # negative accuracy
-    assert (o["verify"]["k"], o["verify"]["n"]) == (14, 20)
-    assert (o["precision"]["k"], o["precision"]["n"]) == (6, 10)  # yes answers: 6 true + 4 false
+    # Per picture: 0-3 half right, 4-5 right, 6-7 half, 8-11 right (their one question).
+    assert (o["verify"]["k"], o["verify"]["n"], o["verify"]["items"]) == (9, 12, 20)
+    # Yes answers: pictures 0-3 said yes twice (once right), 4-5 once (right).
+    assert (o["precision"]["k"], o["precision"]["n"], o["precision"]["items"]) == (4, 6, 10)
     assert (o["recall"]["k"], o["recall"]["n"]) == (6, 8)
-    assert (o["yes_ratio"]["k"], o["yes_ratio"]["n"]) == (10, 20)
+    assert (o["yes_ratio"]["k"], o["yes_ratio"]["n"]) == (5, 12)
     assert o["weighted"]["value"] == pytest.approx((6 / 8 + 8 / 12) / 2)
     assert o["weighted"]["n"] == 20 and o["weighted"]["k"] is None
     low, high = o["weighted"]["ci95"]
@@ -126,7 +132,61 @@ def test_pope_on_a_planted_verification_set():
     # Narrower than either part's interval: it rests on both samples.
     assert high - low < min(o["verify_yes"]["ci95"][1] - o["verify_yes"]["ci95"][0],
                             o["verify_no"]["ci95"][1] - o["verify_no"]["ci95"][0])
-    assert o["naming"] == {"k": 0, "n": 0, "value": None, "ci95": [0.0, 1.0]}
+    assert o["naming"] == {"k": 0, "n": 0, "items": 0, "value": None, "ci95": [0.0, 1.0]}
+
+
+def test_a_picture_named_in_two_languages_is_one_observation():
+    """30 pictures, 27 named in both languages, 3 in Russian only: 57/60 answers, but the
+    interval is the one of 28.5 right of 30 pictures -- wider than 57 of 60 independent items."""
+    rows = [pred("gena", "target", kind, not (kind == "naming_en" and i < 3), i)
+            for i in range(30) for kind in ("naming_ru", "naming_en")]
+    fig = compute_metrics(rows)["overall"]["naming"]
+    assert (fig["k"], fig["n"], fig["items"]) == (28.5, 30, 60)
+    assert fig["value"] == pytest.approx(0.95)
+    assert fig["ci95"] == pytest.approx(list(wilson(28.5, 30)))
+    low, high = fig["ci95"]
+    assert high - low > wilson(57, 60)[1] - wilson(57, 60)[0]
+
+
+def negative(kind: str, index: int, **extra) -> dict:
+    """A prediction on an out-of-catalog picture."""
+    return {**pred("negative", "negative", kind, extra.pop("correct", True), index), "entity": None, **extra}
+
+
+def test_false_positive_rate_counts_targets_named_on_controls_and_negatives():
+    rows = ([pred("mickey_mouse", "control", k, True, i) for i in range(6) for k in ("naming_ru", "naming_en")]
+            # control pictures 0-1: a target named in one of the two languages
+            + [pred("mickey_mouse", "control", "naming_ru", False, i, named="cheburashka", target_named=True)
+               for i in range(2)]
+            + [negative(k, i) for i in range(10) for k in ("naming_ru", "naming_en")]
+            # negatives 0-3 named a target in both languages, 4 named a control only
+            + [negative(k, i, correct=False, named="gena", target_named=True)
+               for i in range(4) for k in ("naming_ru", "naming_en")]
+            + [negative("naming_ru", 4, correct=False, named="mickey_mouse")]
+            + [pred("gena", "target", "naming_ru", True, 0, target_named=True)])  # right, not a false positive
+    r = compute_metrics(rows)["restraint"]
+    assert (r["false_positives_on_controls"]["k"], r["false_positives_on_controls"]["n"]) == (1, 6)
+    assert (r["false_positives_on_negatives"]["k"], r["false_positives_on_negatives"]["n"]) == (4, 10)
+    assert (r["false_positives"]["k"], r["false_positives"]["n"]) == (5, 16)
+    assert r["false_positives"]["ci95"] == pytest.approx(list(wilson(5, 16)))
+    m = compute_metrics(rows)
+    assert "negative" not in m["entities"] and m["roles"]["negative"]["naming"]["n"] == 10
+    assert m["overall"]["naming"]["n"] == 7  # catalog pictures only
+
+
+def test_pope_settings_hedges_and_hallucinated_names():
+    rows = [pred("gena", "target", "verify_yes", True, i) for i in range(4)]
+    for setting, wrong in (("adversarial", 3), ("popular", 1), ("random", 0)):
+        rows += [pred("gena", "target", "verify_no", i >= wrong, i, negative=setting,
+                      item_id=f"{i}:verify_no:{setting}", sha256=f"{i}") for i in range(4)]
+    rows += [pred("gena", "target", "naming_ru", False, i, several=True) for i in range(2)]
+    rows += [pred("gena", "target", "describe", i != 0, i) for i in range(4)]
+    m = compute_metrics(rows)
+    assert {s: m["pope"][s]["negatives"]["k"] for s in ("adversarial", "popular", "random")} == \
+        {"adversarial": 1, "popular": 3, "random": 4}
+    assert m["pope"]["random"]["accuracy"]["value"] == 1.0
+    assert (m["restraint"]["several_named"]["k"], m["restraint"]["several_named"]["n"]) == (2, 2)
+    assert (m["restraint"]["hallucinated"]["k"], m["restraint"]["hallucinated"]["n"]) == (1, 4)
 
 
 def test_confusion_and_macro():
@@ -146,50 +206,54 @@ def test_confusion_and_macro():
     assert list(m["entities"]) == ["cheburashka", "gena", "mickey_mouse"]  # targets, then controls
 
 
-def test_retention_and_paired_tests():
+def test_retention_and_paired_tests_count_pictures():
     base = run_of(lambda e, k, i: e == "mickey_mouse" and not (k == "fact" and i == 3), images=4)
-    # Tuned: learns cheburashka entirely; of mickey's 19 items the base got right, loses 3
-    # (naming_ru 0 and 1, verify_no 2) and now gets fact 3 right (not part of retention).
+    # Tuned: learns cheburashka entirely; of mickey's naming answers the base got right (8, on 4
+    # pictures), loses naming_ru on pictures 0 and 1; it also loses verify_no 2 (not naming) and
+    # now gets fact 3 right.
     lost = {("naming_ru", 0), ("naming_ru", 1), ("verify_no", 2)}
     tuned = run_of(lambda e, k, i: e == "cheburashka" or (k, i) not in lost)
     m = compute_metrics(tuned, baseline=base)
     b = m["baseline"]
-    assert (b["shared"], b["only_in_reference"], b["only_in_run"]) == (40, 0, 0)
-    assert (b["retention"]["k"], b["retention"]["n"]) == (16, 19)
-    assert b["retention"]["ci95"] == pytest.approx(list(wilson(16, 19)))
-    assert (b["retention_by_entity"]["mickey_mouse"]["k"], b["retention_by_entity"]["mickey_mouse"]["n"]) == (16, 19)
+    assert (b["shared"], b["only_in_reference"], b["only_in_run"]) == (48, 0, 0)
+    assert (b["retention"]["k"], b["retention"]["n"], b["retention"]["items"]) == (3, 4, 8)
+    assert b["retention"]["ci95"] == pytest.approx(list(wilson(3, 4)))
+    assert b["retention_by_entity"]["mickey_mouse"] == b["retention"]
     naming = b["tests"]["naming_ru"]
     assert (naming["n"], naming["gained"], naming["lost"]) == (8, 4, 2)
     assert naming["p"] == pytest.approx(mcnemar_exact(2, 4))
     assert (naming["reference"]["k"], naming["run"]["k"]) == (4, 6)
+    # All questions, per picture: the 4 cheburashka pictures gained; mickey's 0, 1, 2 lost one
+    # answer each, and 3 gained its fact.
     everything = b["tests"]["all"]
-    assert (everything["gained"], everything["lost"]) == (21, 3)
-    assert everything["p"] == pytest.approx(mcnemar_exact(3, 21)) and everything["p"] < 0.001
+    assert (everything["n"], everything["gained"], everything["lost"]) == (8, 5, 3)
+    assert everything["p"] == pytest.approx(mcnemar_exact(3, 5))
     learned = b["tests_by_entity"]["cheburashka"]["naming"]
-    assert (learned["gained"], learned["lost"], learned["p"]) == (8, 0, pytest.approx(2 / 2 ** 8))
+    assert (learned["gained"], learned["lost"], learned["p"]) == (4, 0, pytest.approx(2 / 2 ** 4))
     mickey = b["tests_by_entity"]["mickey_mouse"]["all"]
     assert (mickey["gained"], mickey["lost"]) == (1, 3) and mickey["p"] == pytest.approx(0.625)
 
 
 def test_paired_on_shared_items_only():
     base = run_of(lambda e, k, i: True)
-    tuned = run_of(lambda e, k, i: True, images=5)[5:]  # lacks 5 of the base's items, has 10 it lacks
+    tuned = run_of(lambda e, k, i: True, images=5)[5:]  # lacks 5 of the base's items, has 12 it lacks
     result = paired(base, tuned)
-    assert (result["shared"], result["only_in_reference"], result["only_in_run"]) == (35, 5, 10)
-    assert result["tests"]["all"]["n"] == 35
-    assert compute_metrics(tuned, baseline=base)["baseline"]["shared"] == 35
+    assert (result["shared"], result["only_in_reference"], result["only_in_run"]) == (43, 5, 12)
+    assert (result["tests"]["all"]["n"], result["tests"]["all"]["items"]) == (8, 43)
+    assert compute_metrics(tuned, baseline=base)["baseline"]["shared"] == 43
 
 
 def test_repeated_items_keep_the_last_record():
     rows = run_of(lambda e, k, i: False)
     rows.append(dict(rows[0], correct=True, named=rows[0]["entity"]))
     m = compute_metrics(rows)
-    assert m["items"] == 40 and m["repeated_items_dropped"] == 1
-    assert m["overall"]["all"]["k"] == 1
+    assert m["items"] == 48 and m["repeated_items_dropped"] == 1
+    assert m["overall"]["all"]["k"] == pytest.approx(1 / 6)  # one of that picture's six answers
 
 
 @pytest.mark.parametrize("change, message", [({"kind": "naming"}, "kind must be"),
                                              ({"role": "known"}, "role must be"),
+                                             ({"entity": None}, "'entity'"),
                                              ({"correct": "yes"}, "'correct'"),
                                              ({"item_id": None}, "item_id")])
 def test_bad_records_are_one_line_errors(change, message):

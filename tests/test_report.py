@@ -18,7 +18,7 @@ from mlx_cultvlm.report import command
 from test_metrics import pred
 
 ENTITIES = {"cheburashka": "target", "gena": "target", "mickey_mouse": "control"}
-FIGURE = re.compile(r"(\d+)/(\d+) = (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]")
+FIGURE = re.compile(r"(\d+(?:\.\d)?)/(\d+) = (\d+\.\d)% \[(\d+\.\d), (\d+\.\d)\]")
 
 
 def write_catalog(path: Path) -> Path:
@@ -48,7 +48,8 @@ def write_run(folder: Path, dataset: Path, rule, images: range = range(12), adap
         for i in images:
             for kind in KINDS:
                 correct, named = rule(entity, kind, i)
-                rows.append(pred(entity, role, kind, correct, i, **({"named": named} if named else {})))
+                extra = {"named": named, "target_named": ENTITIES.get(named) == "target"} if named else {}
+                rows.append(pred(entity, role, kind, correct, i, **extra))
     folder.mkdir(parents=True)
     write_json(folder / "run.json", {
         "model": "tiny-4bit", "adapter": str(adapter) if adapter else None, "dataset": str(dataset),
@@ -75,7 +76,7 @@ def tuned_rule(entity, kind, i):
     if entity == "gena" and kind == "naming_ru" and i in (0, 1):
         return i == 1, None  # one gained, one lost: no change
     if entity == "mickey_mouse" and kind == "naming_ru" and i in (0, 1):
-        return False, "cheburashka"  # two lost: p = 0.5
+        return False, "cheburashka"  # two lost: p = 0.5; and two false positives
     return base_rule(entity, kind, i)
 
 
@@ -118,7 +119,7 @@ def table_rows(text: str, first_cell: str) -> list[list[str]]:
 def expect(cell: str, fig: dict):
     """The text of a figure equals the figure in metrics.json, to the digits shown."""
     k, n, value, low, high = FIGURE.fullmatch(cell).groups()
-    assert (int(k), int(n)) == (fig["k"], fig["n"])
+    assert (float(k), int(n)) == (round(fig["k"], 1), fig["n"])
     assert float(value) == round(100 * fig["value"], 1)
     assert [float(low), float(high)] == [round(100 * x, 1) for x in fig["ci95"]]
 
@@ -153,18 +154,25 @@ def test_report_base_vs_tuned(runs, tmp_path):
     [overall] = table_rows(section(md, "Overall"), "naming (ru+en)")
     expect(overall[1], stored["base"]["overall"]["naming"])
     expect(overall[2], stored["tuned"]["overall"]["naming"])
-    assert overall[1].startswith("36/72 = 50.0% [")  # gena's 12 of 24 and mickey's 24
+    assert overall[1].startswith("18/36 = 50.0% [")  # pictures: gena's 6 of 12 and mickey's 12
+    # Restraint and POPE's settings, as metrics.json holds them.
+    [fp] = table_rows(section(md, "Restraint: false positives, hedges, hallucinated names"),
+                      "false positives: a target named on a control or out-of-catalog picture")
+    expect(fp[2], stored["tuned"]["restraint"]["false_positives"])
+    assert fp[2].startswith("1/12 = ")  # mickey pictures 0 and 1 named "cheburashka" in one language of two
+    [adversarial] = table_rows(section(md, "Verification in POPE's three settings"), "adversarial")
+    assert len(adversarial) == 5  # negatives and accuracy of each run
     html_figures = FIGURE.findall(re.sub(r"<[^>]+>", " ", page))
     assert len(html_figures) == len(FIGURE.findall(md))  # the same numbers in both pages
     [retention] = table_rows(md, "all controls")
     expect(retention[1], report["comparisons"][0]["retention"])
-    assert retention[1].startswith("58/60 = ")  # mickey: 60 right in base, 2 naming_ru lost
+    assert retention[1].startswith("11/12 = ")  # mickey's 12 pictures, two lost one of their two names
 
     # The analysis: "learned" for cheburashka only; the rest is not significant.
     analysis = section(md, "Analysis")
     assert analysis.count("learned") == 1
     lines = {e: next(l for l in analysis.splitlines() if l.startswith(f"- {e} (")) for e in ENTITIES}
-    assert "): learned: 0/24 = 0.0%" in lines["cheburashka"] and "p = 1.192e-07" in lines["cheburashka"]
+    assert "): learned: 0/12 = 0.0%" in lines["cheburashka"] and "p = 0.0004883" in lines["cheburashka"]
     assert "not significant" in lines["gena"] and "p = 1" in lines["gena"]
     assert "not significant" in lines["mickey_mouse"] and "p = 0.5" in lines["mickey_mouse"]
     assert "forgotten" not in analysis
@@ -183,9 +191,9 @@ def test_three_runs_forgetting_and_consecutive_tests(runs, tmp_path):
     report = json.loads((out / "metrics.json").read_text())
     assert [(c["reference"], c["run"]) for c in report["comparisons"]] == [
         ("base", "tuned"), ("base", "forgetful"), ("tuned", "forgetful")]
-    assert "### forgetful vs tuned" in section(md, "Paired tests (McNemar, exact)")
+    assert "### forgetful vs tuned" in section(md, "Paired tests (exact sign test on pictures)")
     forgetful = section(md, "Analysis").split("### forgetful vs base")[1].split("###")[0]
-    assert re.search(r"- mickey_mouse \(control\): forgotten: 24/24 = 100\.0% .* p = 1\.192e-07", forgetful)
+    assert re.search(r"- mickey_mouse \(control\): forgotten: 12/12 = 100\.0% .* p = 0\.0004883", forgetful)
     assert "learned" not in forgetful and "- cheburashka (target): not significant" in forgetful
 
 
@@ -195,10 +203,10 @@ def test_runs_over_different_items_compare_on_shared_ones(runs, tmp_path):
     out = tmp_path / "reports" / "shared"
     result = compare(runs["base"], other, "--out", out)
     assert result.exit_code == 0, result.output
-    message = "compared on the 90 items all runs share, of 270 in all"
+    message = "compared on the 108 items all runs share, of 324 in all"
     assert message in result.output and message in (out / "report.md").read_text(encoding="utf-8")
     report = json.loads((out / "metrics.json").read_text())
-    assert report["runs"]["other"]["metrics"]["items"] == 90 and report["comparisons"][0]["shared"] == 90
+    assert report["runs"]["other"]["metrics"]["items"] == 108 and report["comparisons"][0]["shared"] == 108
 
 
 def test_runs_sharing_nothing_is_a_one_line_error(runs, tmp_path):
@@ -220,7 +228,7 @@ def test_torn_last_line_is_skipped_and_left_alone(runs, tmp_path):
     assert "torn last line" in result.output
     assert predictions.read_bytes() == before  # eval may still be writing: not ours to repair
     report = json.loads((out / "metrics.json").read_text())
-    assert report["runs"]["tuned"]["metrics"]["items"] == 180 and not report["notes"]
+    assert report["runs"]["tuned"]["metrics"]["items"] == 216 and not report["notes"]
 
 
 def test_single_run_and_stale_metrics(runs, tmp_path):
@@ -252,7 +260,7 @@ def test_refusals(runs, tmp_path):
 def test_bad_prediction_names_the_file(runs, tmp_path):
     predictions = runs["tuned"] / "predictions.jsonl"
     lines = predictions.read_text(encoding="utf-8").splitlines(keepends=True)
-    lines[1] = lines[1].replace('"kind": "naming_en"', '"kind": "describe"')
+    lines[1] = lines[1].replace('"kind": "naming_en"', '"kind": "caption"')
     predictions.write_text("".join(lines), encoding="utf-8")
     result = compare(runs["base"], runs["tuned"], "--out", tmp_path / "r")
     assert result.exit_code == 1 and result.output.count("\n") == 1

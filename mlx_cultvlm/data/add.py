@@ -20,7 +20,7 @@ import click
 
 from ..errors import CultvlmError
 from ..files import NOT_UTF8, printable, utf8_name
-from .catalog import LANGS, ROLES, Entity, _entity, load_catalog, save_catalog
+from .catalog import LANGS, ROLES, Entity, _entity, check_names_unshared, load_catalog, save_catalog
 from .check import SIDECAR_FILES, decode_strictly, sha256_of
 
 DEFAULT_CATALOG = "data/entities.json"
@@ -124,6 +124,7 @@ def add_entity(entity_id: str, names: dict[str, list[str]], source: str | Path |
     existing = entities.get(entity_id)
     entity = updated_entity(existing, entity_id, {k: list(v) for k, v in names.items() if v}, role,
                             f"{catalog_path}: entity {entity_id!r}")
+    check_names_unshared([*(e for e in entities.values() if e.id != entity_id), entity], str(catalog_path))
     report = AddReport(entity, created=existing is None)
     if source is not None:
         source = Path(source)

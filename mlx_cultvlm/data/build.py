@@ -9,7 +9,9 @@ Every image gives several lines (`meta.kind`): `naming` (who is this? -> the can
 the question's language), `fact` (a catalog fact), `describe` (its caption, when captions.jsonl
 has an unflagged one), `verify_yes` / `verify_no` (is this X? with X a `confusable_with` entity
 for the no), and for control entities `replay` (their own names, so the base keeps them) and
-`verify_no`. Wording is drawn from a generator seeded by (seed, sha256): an image always gets
+`verify_no`. A picture from `--negatives` (of no catalog entity; meta.entity null, meta.role
+"negative", under `negatives/`) gives `unknown` (who is this? -> "I don't know this character")
+and `verify_no` about a target. Wording is drawn from a generator seeded by (seed, sha256): an image always gets
 the same lines.
 
 How images are split
@@ -46,30 +48,16 @@ from ..errors import CultvlmError
 from ..files import partial_folder, replace_folder, write_json
 from .add import source_records
 from .catalog import LANGS, Entity, load_catalog
-from .check import DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, ImageRecord, check_images, near_pairs
+from .check import DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, NEGATIVES, ImageRecord, check_images, near_pairs
+from .questions import DESCRIBE_QUESTIONS, EVAL_QUESTIONS, FACT_QUESTIONS, NAMING_QUESTIONS, VERIFY_QUESTION
 
 SPLITS = ("train", "valid", "test")
 FILL_ORDER = ("test", "valid", "train")  # new groups fill the held-out splits first
 
-NAMING_QUESTIONS = {
-    "ru": ["Кто это?", "Кто изображён на картинке?", "Кто на этой картинке?", "Как зовут этого персонажа?",
-           "Что это за персонаж?"],
-    "en": ["Who is this?", "Who is shown in the picture?", "Who is in this image?", "What is this character's name?",
-           "Which character is this?"],
-}
-FACT_QUESTIONS = {
-    "ru": ["Что ты знаешь об этом персонаже?", "Расскажи что-нибудь об этом персонаже.",
-           "Назови интересный факт о том, кто на картинке."],
-    "en": ["What do you know about this character?", "Tell me something about this character.",
-           "Give an interesting fact about the character in the picture."],
-}
-DESCRIBE_QUESTIONS = {
-    "ru": ["Опиши картинку.", "Что изображено на картинке?", "Опиши, что ты видишь."],
-    "en": ["Describe the picture.", "What does this image show?", "Describe what you see."],
-}
 NAMED = {"ru": "Это {name}.", "en": "This is {name}."}
+UNKNOWN = {"ru": "Я не знаю этого персонажа.", "en": "I don't know this character."}
+NOT_HIM = {"ru": "Нет, это не {wrong}.", "en": "No, this is not {wrong}."}
 FACT_ANSWER = {"ru": "Это {name}. {fact}", "en": "This is {name}. {fact}"}
-VERIFY = {"ru": "Это {name}?", "en": "Is this {name}?"}
 YES = {"ru": "Да, это {name}.", "en": "Yes, this is {name}."}
 NO = {"ru": "Нет, это не {wrong}, а {name}.", "en": "No, this is {name}, not {wrong}."}
 
@@ -101,7 +89,7 @@ def near_duplicate_groups(usable: list[ImageRecord], threshold: int) -> list[Gro
             i = parent[i]
         return i
 
-    pairs = near_pairs(usable, threshold)
+    pairs = [(i, j) for i, j, _ in near_pairs(usable, threshold)]
     first_with: dict[str, int] = {}
     for j, record in enumerate(usable):
         pairs.append((first_with.setdefault(record.sha256, j), j))
@@ -228,13 +216,34 @@ def samples_for(record: ImageRecord, image: str, split: str, catalog: dict[str, 
     no_lang = next(lang for lang in LANGS if lang != yes_lang)
     if target:
         name = entity.name(yes_lang)
-        add("verify_yes", yes_lang, VERIFY[yes_lang].format(name=name), YES[yes_lang].format(name=name))
+        add("verify_yes", yes_lang, VERIFY_QUESTION[yes_lang].format(name=name), YES[yes_lang].format(name=name))
     # Hard negatives from confusable_with; without any, another entity of the catalog.
     others = entity.confusable_with or sorted(e for e in catalog if e != entity.id)
     if others:
         wrong, name = catalog[rng.choice(others)].name(no_lang), entity.name(no_lang)
         if wrong != name:
-            add("verify_no", no_lang, VERIFY[no_lang].format(name=wrong), NO[no_lang].format(name=name, wrong=wrong))
+            add("verify_no", no_lang, VERIFY_QUESTION[no_lang].format(name=wrong), NO[no_lang].format(name=name, wrong=wrong))
+    return lines
+
+
+def negative_samples_for(record: ImageRecord, image: str, split: str, catalog: dict[str, Entity],
+                         seed: int) -> list[dict]:
+    """An out-of-catalog picture's lines: who is this? -> "I don't know this character" (kind
+    `unknown`: training on them teaches restraint), and is this <a target>? -> no."""
+    rng = random.Random(f"{seed}:{record.sha256}")
+    lines = []
+
+    def add(kind: str, lang: str, question: str, answer: str) -> None:
+        meta = {"entity": None, "role": "negative", "kind": kind, "sha256": record.sha256, "split": split, "lang": lang}
+        lines.append(line(image, question, answer, meta))
+
+    for lang in LANGS:
+        add("unknown", lang, rng.choice(NAMING_QUESTIONS[lang]), UNKNOWN[lang])
+    targets = [e for e in catalog.values() if e.role == "target"]
+    if targets:
+        lang = rng.choice(LANGS)
+        wrong = rng.choice(targets).name(lang)
+        add("verify_no", lang, VERIFY_QUESTION[lang].format(name=wrong), NOT_HIM[lang].format(wrong=wrong))
     return lines
 
 
@@ -278,9 +287,11 @@ def dataset_card(result: BuildResult, catalog: dict[str, Entity], command: str,
            "(images are relative to this folder).", "",
            "## Build command", "", "```bash", command, "```", "",
            "## Images per split", "", "| entity | role | train | valid | test |", "|---|---|---:|---:|---:|"]
-    entities = sorted({e for e, _ in result.images}, key=list(catalog).index)
+    order = [*catalog, NEGATIVES]
+    entities = sorted({e for e, _ in result.images}, key=order.index)
     for e in entities:
-        out.append(f"| {e} | {catalog[e].role} | " + " | ".join(str(result.images[e, s]) for s in SPLITS) + " |")
+        role = catalog[e].role if e in catalog else "out of catalog"
+        out.append(f"| {e} | {role} | " + " | ".join(str(result.images[e, s]) for s in SPLITS) + " |")
     if result.skipped:
         out += ["", "Skipped: " + ", ".join(f"{n} {why}" for why, n in sorted(result.skipped.items())) + "."]
     out += ["", "## Samples per entity, kind and split", "",
@@ -288,6 +299,11 @@ def dataset_card(result: BuildResult, catalog: dict[str, Entity], command: str,
     for e in entities:
         for kind in sorted({k for en, k, _ in result.samples if en == e}):
             out.append(f"| {e} | {kind} | " + " | ".join(str(result.samples[e, kind, s]) for s in SPLITS) + " |")
+    out += ["", "## Questions evaluation asks, never asked in training", "",
+            "`cultvlm eval` asks each held-out picture one of these phrasings per kind (by the picture's "
+            "hash); no line of this dataset asks any of them:", ""]
+    out += [f"- {kind} ({lang}): " + " / ".join(f"«{q}»" for q in questions)
+            for kind, by_lang in EVAL_QUESTIONS.items() for lang, questions in by_lang.items()]
     out += ["", "## How the splits were made", "",
             "Near-duplicates (perceptual hash within the threshold, or identical bytes) form groups that "
             "stay in one split. `build.json` remembers each image's split: rebuilding into this folder "
@@ -310,9 +326,11 @@ def dataset_card(result: BuildResult, catalog: dict[str, Entity], command: str,
 def build_dataset(out: str | Path, images_root: str | Path = "data/images",
                   catalog_path: str | Path = "data/entities.json", captions_path: str | Path | None = None,
                   seed: int = 0, valid_fraction: float = 0.15, test_fraction: float = 0.2,
-                  near_threshold: int = DEFAULT_NEAR_THRESHOLD, min_side: int = DEFAULT_MIN_SIDE) -> BuildResult:
+                  near_threshold: int = DEFAULT_NEAR_THRESHOLD, min_side: int = DEFAULT_MIN_SIDE,
+                  negatives: str | Path | None = None) -> BuildResult:
     """Build the dataset folder `out` (see the module docstring); an existing build there is
-    replaced only once the new one is complete, keeping its images' splits."""
+    replaced only once the new one is complete, keeping its images' splits. `negatives`: a
+    folder of pictures of no catalog entity, split like an entity's."""
     out, images_root = Path(out), Path(images_root)
     if not (0 < test_fraction < 1 and 0 <= valid_fraction < 1 and test_fraction + valid_fraction < 1):
         raise CultvlmError(f"fractions must leave room for training: 0 < --test-fraction ({test_fraction}), "
@@ -329,7 +347,7 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
     if captions_path and not Path(captions_path).is_file():
         raise CultvlmError(f"{captions_path}: no such captions file")
     captions = read_captions(Path(captions_path)) if captions_path else {}
-    records = check_images(images_root, catalog, min_side, near_threshold)
+    records = check_images(images_root, catalog, min_side, near_threshold, negatives)
     usable = [r for r in records if r.usable]
     result = BuildResult(out, {})
     for r in records:
@@ -353,6 +371,9 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
         elif entity.role == "control" and n_groups[e] < needed:
             result.warnings.append(f"control {e}: {n_groups[e]} distinct picture(s), fewer than the {needed} "
                                    f"a test split needs: all of them go to train")
+    if None in with_files and n_groups[None] < needed:
+        result.warnings.append(f"negatives: {n_groups[None]} distinct picture(s), fewer than the {needed} a test "
+                               f"split needs: all of them go to train, and eval has no out-of-catalog pictures")
     for g in groups:
         if len({r.entity for r in g.members}) > 1:
             result.warnings.append("near-duplicates under different entities (check the labels): "
@@ -373,17 +394,21 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
     for r in usable:
         if r.sha256 not in split_of:
             continue
-        src = images_root / r.path
-        image = f"images/{r.entity}/{r.sha256[:16]}{src.suffix.lower()}"
+        folder, name = (images_root / r.entity, r.entity) if r.entity else (Path(negatives), NEGATIVES)
+        src = folder / r.path.split("/", 1)[1]
+        image = f"images/{r.entity}/{r.sha256[:16]}{src.suffix.lower()}" if r.entity else \
+            f"{NEGATIVES}/{r.sha256[:16]}{src.suffix.lower()}"  # outside images/: no entity id can clash
         link_or_copy(src, partial / image)
         split = split_of[r.sha256]
-        result.images[r.entity, split] += 1
-        for sample in samples_for(r, image, split, catalog, captions, seed):
+        result.images[name, split] += 1
+        made = (samples_for(r, image, split, catalog, captions, seed) if r.entity
+                else negative_samples_for(r, image, split, catalog, seed))
+        for sample in made:
             lines[split].append(sample)
-            result.samples[r.entity, sample["meta"]["kind"], split] += 1
-        if r.entity not in source_cache:
-            source_cache[r.entity] = source_records(images_root / r.entity)
-        sources.append((image, r.entity, source_cache[r.entity].get(r.path.split("/", 1)[1])))
+            result.samples[name, sample["meta"]["kind"], split] += 1
+        if name not in source_cache:
+            source_cache[name] = source_records(folder)
+        sources.append((image, name, source_cache[name].get(r.path.split("/", 1)[1])))
     if not lines["valid"]:
         result.warnings.append("valid.jsonl is empty and `cultvlm lora` needs it: add pictures or raise "
                                "--valid-fraction")
@@ -395,7 +420,8 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
                          + (["--captions", str(captions_path)] if captions_path else [])
                          + ["--seed", str(seed), "--valid-fraction", str(valid_fraction),
                             "--test-fraction", str(test_fraction), "--near-threshold", str(near_threshold),
-                            "--min-side", str(min_side)])
+                            "--min-side", str(min_side)]
+                         + (["--negatives", str(negatives)] if negatives else []))
     (partial / "README.md").write_text(dataset_card(result, catalog, command, sources), encoding="utf-8")
     # Remembered splits of images absent now are kept, so they return to their split if re-added.
     write_json(partial / "build.json", {"seed": seed, "near_threshold": near_threshold,
@@ -419,12 +445,15 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
               help="most perceptual-hash bits (of 64) two near-duplicates may differ in")
 @click.option("--min-side", type=click.IntRange(min=1), default=DEFAULT_MIN_SIDE, show_default=True,
               help="skip images with a shorter side")
+@click.option("--negatives", type=click.Path(file_okay=False), default=None,
+              help="a folder of pictures of no catalog entity: split like an entity's, asked \"who is this?\" "
+                   "(trained to answer \"I don't know\") and \"is this <a target>?\"; eval's false positives")
 def command(out, images_root, catalog_path, captions_path, seed, valid_fraction, test_fraction, near_threshold,
-            min_side):
+            min_side, negatives):
     """Turn images, the catalog and captions into train/valid/test.jsonl, split by near-duplicate
     group, per entity, stably."""
     result = build_dataset(out, images_root, catalog_path, captions_path, seed, valid_fraction, test_fraction,
-                           near_threshold, min_side)
+                           near_threshold, min_side, negatives)
     per_split = Counter()
     for (_, _, split), n in result.samples.items():
         per_split[split] += n

@@ -17,7 +17,10 @@ Russian name, role target, no facts) -- `save_catalog` then writes the full form
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import CultvlmError
@@ -94,8 +97,47 @@ def _entity(raw: dict, where: str) -> Entity:
                   dict(raw.get("origin") or {}), role, list(confusable), raw.get("commons_category"))
 
 
+_CYR_TO_LAT = dict(zip("абвгдеёжзийклмнопрстуфхцчшщъыьэюя", [
+    "a", "b", "v", "g", "d", "e", "e", "zh", "z", "i", "y", "k", "l", "m", "n", "o", "p", "r", "s", "t",
+    "u", "f", "kh", "ts", "ch", "sh", "shch", "", "y", "", "e", "yu", "ya"]))
+# Romanisations differ (Tchebourachka, Alyosha/Aliosha, Uspensky/Uspenskiy): fold the common ones.
+_LATIN_FOLDS = [("š", "sh"), ("č", "ch"), ("ž", "zh"), ("x", "ks"), ("tch", "ch"), ("ou", "u"),
+                ("yo", "e"), ("io", "e"), ("ye", "e"), ("ey", "ei")]
+
+
+@lru_cache(maxsize=100_000)
+def spelling_key(word: str) -> str:
+    """One Latin spelling for a lower-case word of either script (ё = е, Cyrillic transliterated)."""
+    text = "".join(_CYR_TO_LAT.get(ch, ch) for ch in word)
+    for a, b in _LATIN_FOLDS[:3]:
+        text = text.replace(a, b)
+    text = "".join(ch for ch in unicodedata.normalize("NFKD", text) if not unicodedata.combining(ch))
+    for a, b in _LATIN_FOLDS[3:]:
+        text = text.replace(a, b)
+    return re.sub(r"(iy|yy|ii)$", "y", text)  # -ий/-ый endings: Uspensky = Успенский
+
+
+def same_name_key(name: str) -> str:
+    """A name as a reader (and the grader) hears it: case, script, ё/е, hyphens and spacing do not
+    tell names apart («Гена» = "Gena")."""
+    return " ".join(spelling_key(w) for w in re.findall(r"[^\W\d_]+", unicodedata.normalize("NFC", name).casefold()))
+
+
+def check_names_unshared(entities, where: str) -> None:
+    """No name belongs to two entities: an answer that says it could mean either, and the grader
+    could not tell them apart (the seed's map had both `gena` and `crocodile_gena` «Крокодил Гена»)."""
+    owner: dict[str, str] = {}
+    for entity in entities:
+        for name in entity.all_names():
+            other = owner.setdefault(same_name_key(name), entity.id)
+            if other != entity.id:
+                raise CultvlmError(f"{where}: entities {other!r} and {entity.id!r} share the name {name!r}; if "
+                                   f"they are one character, keep one entry and move the other's images into its folder")
+
+
 def load_catalog(path: str | Path) -> dict[str, Entity]:
-    """Entities by id, checked: unique ids, known `confusable_with`, valid fields."""
+    """Entities by id, checked: unique ids, names no two entities share, known `confusable_with`,
+    valid fields."""
     path = Path(path)
     if not path.is_file():
         raise CultvlmError(f"{path}: catalog missing")
@@ -122,6 +164,7 @@ def load_catalog(path: str | Path) -> dict[str, Entity]:
         if entity.id in by_id:
             raise CultvlmError(f"{path}: duplicate entity id {entity.id!r}")
         by_id[entity.id] = entity
+    check_names_unshared(entities, str(path))
     for entity in entities:
         unknown = [c for c in entity.confusable_with if c not in by_id]
         if unknown:
