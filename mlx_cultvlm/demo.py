@@ -45,10 +45,12 @@ PICTURES = {"target": 80, "control": 80, "negative": 20}
 # Trained on the naming lines and the controls' replay only: with every kind of line, 320 steps
 # taught 4 of 72 fact questions and no verification answer, and took the steps the names needed
 # (targets 74.0%, retention 84.4%, against 76.0% and 97.8% on the naming lines; the steps and
-# learning rate were then chosen on the validation split: docs/EXPERIMENTS.md).
+# learning rate were then chosen on the validation split: docs/EXPERIMENTS.md). Asked the held-out
+# phrasings and graded by the stricter scorer, validation named 59.5/72 target pictures after 480
+# steps and 62/72 after 640 (the verification lines in the mix too: 56/72), so 640.
 LORA = {"mix": ["naming", "replay"], "rank": 16, "alpha": 32.0, "dropout": 0.0,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
-        "steps": 480, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 32, "max_pixels": IMAGE_SIZE ** 2,
+        "steps": 640, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 32, "max_pixels": IMAGE_SIZE ** 2,
         "val_every": 80, "save_every": 80}
 THRESHOLDS = [  # (what, run, measured figure, at most / at least, value)
     ("base names the targets", "base", "targets", "at most", 0.20),
