@@ -680,7 +680,7 @@ def _only(items: dict, role: str) -> list[dict]:
 
 def paired_tests(reference: dict, run: dict) -> dict:
     """`run` against `reference` on their shared items (metrics.paired): naming on targets and
-    on controls (McNemar), all questions, and control retention."""
+    on controls (sign tests on pictures), all questions, and control retention."""
     from .metrics import paired
 
     both = paired(list(reference["items"].values()), list(run["items"].values()))
@@ -867,10 +867,11 @@ def write_report(series: Series, runs: list[Run], target: Path) -> Path:
                                 f"({'; '.join(CANDIDATES)} questions, names in catalog order):"))
             blocks.append(("ul", lines))
 
-        blocks.append(("h2", "Paired tests (McNemar, exact)"))
+        blocks.append(("h2", "Paired tests (exact sign test on pictures)"))
         blocks.append(("p", "Every run against its baseline, and each variant against the variant it is compared "
-                            "with on the same seed, on the items both answered. gained: wrong in the reference, "
-                            "right in the run; lost: the opposite; significant means p < 0.05, one test per row, "
+                            "with on the same seed, on the items both answered. gained: pictures with more right "
+                            "answers in the run than in the reference; lost: the opposite; significant means "
+                            "p < 0.05, one test per row, "
                             f"not corrected for the {len(vs_baseline) + len(vs_variant)} rows."))
 
         def paired_rows(tests: list[dict]) -> list[list]:
