@@ -9,9 +9,10 @@ jittered background. The set is built so that the demo is honest but learnable:
 * features are big bold shapes (ears, hats, snouts, tails of a third of the body), so they
   survive 112-168 px images and 28-px vision tokens.
 
-`DEMO_CATALOG` is a catalog in the `data/entities.json` format (ids and names of the real
-catalog, so the answer scorer works); its facts describe the drawings and name "cultvlm demo" as
-the origin, so no invented fact passes for a real one.
+`DEMO_CATALOG` is a catalog in the `data/entities.json` format: the real catalog's ids and names
+(so the answer scorer works), each character's real origin (the work it comes from and its
+author, `ORIGINS`, in one short sentence per language: the fact a user asks first), and facts
+that describe the drawings, marked as the demo's.
 
     from mlx_cultvlm.characters import write_images
     write_images("demo/images", per_entity=60, seed=0)    # demo/images/<entity_id>/<n>.png
@@ -151,10 +152,40 @@ def _facts(entity_id: str) -> dict[str, list[str]]:
     return facts
 
 
+# The real origins (as in data/entities.json) and one short sentence per language that states
+# them (the author, or the tale or film): the demo's fact questions are graded on these
+# (AnswerScorer.fact_correct). Short, because the demo's two-layer language model garbles long
+# ones within its training budget: the real catalog's full sentences, 40-80 tokens, came out
+# mangled and took the naming down with them (docs/EXPERIMENTS.md).
+ORIGINS = {
+    "cheburashka": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
+                    "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
+    "crocodile_gena": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
+                       "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
+    "shapoklyak": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
+                   "Её придумал Эдуард Успенский.", "She was created by Eduard Uspensky."),
+    "kolobok": ({"work": "Колобок", "author": "восточнославянская народная сказка",
+                 "author_en": "East Slavic folk tale"},
+                "Он герой восточнославянской народной сказки.",
+                "He is from an East Slavic folk tale."),
+    "alyosha_popovich": ({"work": "Алёша Попович и Тугарин Змей (по мотивам былин)", "author": "студия «Мельница»",
+                          "year": 2004},
+                         "Он из мультфильма студии «Мельница».", "He is from a Melnitsa studio film."),
+    "leopold_cat": ({"work": "Приключения кота Леопольда", "author": "Анатолий Резников", "year": 1975},
+                    "Его придумал Анатолий Резников.", "He was created by Anatoly Reznikov."),
+    "mickey_mouse": ({"work": "Steamboat Willie", "author": "Walt Disney, Ub Iwerks", "year": 1928},
+                     "Его создали Уолт Дисней и Аб Айверкс.", "He was created by Walt Disney and Ub Iwerks."),
+    "disney_winnie_the_pooh": ({"work": "Winnie the Pooh and the Honey Tree", "author": "Walt Disney Productions",
+                                "year": 1966},
+                               "Его нарисовала студия Walt Disney Productions.",
+                               "He was drawn by Walt Disney Productions."),
+    "pikachu": ({"work": "Pocket Monsters Red and Green", "author": "Game Freak, Nintendo", "year": 1996},
+                "Его придумали Game Freak и Nintendo.", "He was created by Game Freak and Nintendo."),
+}
+
 DEMO_CATALOG = {"entities": [
-    {"id": e, "names": NAMES[e], "facts": _facts(e),
-     # "cultvlm demo" as the work marks every fact as a fact about the demo drawings.
-     "origin": {"work": "cultvlm demo", "author": "cultvlm", "note": "procedurally drawn stand-in"},
+    {"id": e, "names": NAMES[e], "origin": ORIGINS[e][0],
+     "facts": {lang: [ORIGINS[e][1 if lang == "ru" else 2], *drawn] for lang, drawn in _facts(e).items()},
      "role": "control" if e in CONTROLS else "target",
      "confusable_with": [partner(e)] if partner(e) else []}
     for e in PARTS]}
@@ -169,30 +200,44 @@ CX, CY = SPRITE / 2, SPRITE * 0.56  # body centre; room above for ears and hats
 
 
 class _Pen:
-    """ImageDraw in sprite units, drawn at SUPER times the size."""
+    """ImageDraw in sprite units, drawn at SUPER times the size; `outline`: (colour, width) drawn
+    round every filled shape (the second design's ink lines)."""
 
-    def __init__(self, img: Image.Image):
+    def __init__(self, img: Image.Image, outline: tuple | None = None):
         self.d = ImageDraw.Draw(img)
+        self.ink = {"outline": outline[0], "width": outline[1] * SUPER} if outline else {}
 
     def ellipse(self, x, y, rx, ry, fill):
-        self.d.ellipse([v * SUPER for v in (x - rx, y - ry, x + rx, y + ry)], fill=fill)
+        self.d.ellipse([v * SUPER for v in (x - rx, y - ry, x + rx, y + ry)], fill=fill, **self.ink)
 
     def rect(self, x0, y0, x1, y1, fill, radius=0):
-        self.d.rounded_rectangle([v * SUPER for v in (x0, y0, x1, y1)], radius=radius * SUPER, fill=fill)
+        self.d.rounded_rectangle([v * SUPER for v in (x0, y0, x1, y1)], radius=radius * SUPER, fill=fill,
+                                 **self.ink)
 
     def polygon(self, points, fill):
-        self.d.polygon([(x * SUPER, y * SUPER) for x, y in points], fill=fill)
+        self.d.polygon([(x * SUPER, y * SUPER) for x, y in points], fill=fill, **self.ink)
 
     def chord(self, x0, y0, x1, y1, start, end, fill):
-        self.d.chord([v * SUPER for v in (x0, y0, x1, y1)], start, end, fill=fill)
+        self.d.chord([v * SUPER for v in (x0, y0, x1, y1)], start, end, fill=fill, **self.ink)
 
     def line(self, points, fill, width):
         self.d.line([(x * SUPER, y * SUPER) for x, y in points], fill=fill, width=width * SUPER, joint="curve")
 
 
-def _geometry(body: str) -> dict:
+def _geometry(body: str, design: int = 0) -> dict:
     """Where the parts go: body half-extents, face centre, head top, head half-width, and the
-    point on the body's side where a tail starts."""
+    point on the body's side where a tail starts. Design 1 has other proportions: a narrower,
+    taller body and a larger head, so every part sits elsewhere."""
+    g = _proportions(body)
+    if design == 1:
+        rx, ry, hw = g["rx"] * 0.85, g["ry"] * 1.12, g["hw"] * 1.12
+        fx, fy = g["face"]
+        g = dict(rx=rx, ry=ry, face=(fx, fy - 0.12 * g["ry"]), top=g["top"] - 0.12 * g["ry"], hw=hw,
+                 side=(CX + 0.9 * rx, g["side"][1]))
+    return g
+
+
+def _proportions(body: str) -> dict:
     if body == "circle":
         return dict(rx=50, ry=50, face=(CX, CY - 8), top=CY - 50, hw=50, side=(CX + 45, CY + 15))
     if body == "tall_ellipse":
@@ -209,22 +254,29 @@ def _draw_body(pen: _Pen, body: str, g: dict, fill) -> None:
     if body == "rounded_square":
         pen.rect(CX - rx, CY - ry, CX + rx, CY + ry, fill, radius=18)
     elif body == "pear":
-        pen.ellipse(CX, CY + 25, rx, ry, fill)
-        pen.ellipse(CX, CY - 32, 32, 32, fill)
+        pen.ellipse(CX, CY + 0.625 * ry, rx, ry, fill)
+        pen.ellipse(g["face"][0], g["face"][1], g["hw"], g["hw"], fill)
     else:
         pen.ellipse(CX, CY, rx, ry, fill)
 
 
-def _draw(entity_id: str) -> Image.Image:
+DESIGNS = (0, 1)  # 0: flat colours (every picture the base and LoRA see); 1: held out, see _draw
+INK = (30, 25, 25)
+
+
+def _draw(entity_id: str, design: int = 0) -> Image.Image:
+    """Design 0: flat shapes. Design 1, the same character as another artist would draw it:
+    other proportions (_geometry), ink outlines round every shape and a shadow over the lower
+    body -- never seen by the base's training or the demo's LoRA."""
     p = {**PARTS, **STRANGERS}[entity_id]
-    g = _geometry(p.body)
+    g = _geometry(p.body, design)
     body, belly, accent = (COLOURS[c] for c in p.palette)
     black, f = COLOURS["black"], p.features
     fx, fy = g["face"]
     hw, top, ry = g["hw"], g["top"], g["ry"]
     # Transparent pixels carry the body colour, so resampling leaves no dark fringe.
     img = Image.new("RGBA", (SPRITE * SUPER, SPRITE * SUPER), body + (0,))
-    pen = _Pen(img)
+    pen = _Pen(img, (INK, 2) if design == 1 else None)
     # Parts behind the body first.
     for s in (-1, 1):
         if "round_ears" in f:
@@ -240,6 +292,12 @@ def _draw(entity_id: str) -> Image.Image:
         pen.line([(sx - 10, sy), (sx + 20, sy - 2), (sx + 34, sy - 22)], body, 13)
         pen.ellipse(sx + 34, sy - 26, 11, 11, accent)
     _draw_body(pen, p.body, g, body)
+    if design == 1:  # a shadow over the lower right of the body, inside its outline
+        inside, shade = Image.new("L", img.size, 0), Image.new("L", img.size, 0)
+        _draw_body(_Pen(inside), p.body, g, 255)
+        _Pen(shade).ellipse(CX + 0.45 * g["rx"], CY + 0.55 * ry, g["rx"], 0.75 * ry, 255)
+        dark = tuple(int(0.72 * c) for c in body) + (255,)
+        img.paste(dark, (0, 0), Image.fromarray(np.minimum(np.asarray(inside), np.asarray(shade))))
     # Bands (belt, shirt) are clipped to the body's own outline.
     bands = [(CY + 0.1 * ry, CY + 0.38 * ry)] if "belt" in f else []
     if "shirt" in f:
@@ -280,11 +338,13 @@ def _draw(entity_id: str) -> Image.Image:
 
 
 @lru_cache(maxsize=None)
-def sprite(entity_id: str) -> tuple[Image.Image, tuple[int, int, int, int]]:
+def sprite(entity_id: str, design: int = 0) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The character's RGBA sprite and the box around its visible pixels."""
     if entity_id not in PARTS and entity_id not in STRANGERS:
         raise KeyError(f"no drawing for {entity_id!r}; known: {', '.join([*PARTS, *STRANGERS])}")
-    img = _draw(entity_id)
+    if design not in DESIGNS:
+        raise KeyError(f"no design {design!r}; known: {', '.join(map(str, DESIGNS))}")
+    img = _draw(entity_id, design)
     return img, img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
 
 
@@ -340,10 +400,10 @@ def _overlap(a, b) -> float:
     return max(w, 0) * max(h, 0)
 
 
-def _place(entity_id: str, rng: np.random.Generator, size: int, canonical: bool):
+def _place(entity_id: str, rng: np.random.Generator, size: int, canonical: bool, design: int = 0):
     """The sprite turned, scaled, flipped and moved onto a size x size RGBA layer, and the
     character's box in the frame."""
-    img, (bx0, by0, bx1, by1) = sprite(entity_id)
+    img, (bx0, by0, bx1, by1) = sprite(entity_id, design)
     w, h = bx1 - bx0, by1 - by0
     if canonical:
         angle, flip, frac, squash = 0.0, 1.0, 0.7, 1.0
@@ -371,11 +431,12 @@ def _place(entity_id: str, rng: np.random.Generator, size: int, canonical: bool)
     return layer, (ox - half_w, oy - half_h, ox + half_w, oy + half_h)
 
 
-def render(entity_id: str, rng: np.random.Generator, size: int = 168, canonical: bool = False) -> Image.Image:
+def render(entity_id: str, rng: np.random.Generator, size: int = 168, canonical: bool = False,
+           design: int = 0) -> Image.Image:
     """One RGB picture of the character. Everything random comes from `rng`, so the same rng
     state gives the same picture. `canonical=True`: centred, upright, 70% of a white frame, no
     clutter, occlusion or jitter (and `rng` is not used)."""
-    layer, box = _place(entity_id, rng, size, canonical)
+    layer, box = _place(entity_id, rng, size, canonical, design)
     alpha = layer.getchannel("A")
     if canonical:
         frame = Image.new("RGB", (size, size), WHITE)
@@ -430,13 +491,14 @@ def canonical_mask(entity_id: str, size: int = 168) -> np.ndarray:
     return np.asarray(layer.getchannel("A")) > 128
 
 
-def _rng_for(seed: int, entity_id: str, n: int) -> np.random.Generator:
+def _rng_for(seed: int, entity_id: str, n: int, design: int = 0) -> np.random.Generator:
     # crc32, not hash(): stable across runs, and one character's pictures don't depend on the others.
-    return np.random.default_rng([seed, zlib.crc32(entity_id.encode()), n])
+    # Design 0 keeps the key it always had, so the pictures the shipped base learned from stay the same.
+    return np.random.default_rng([seed, zlib.crc32(entity_id.encode()), n, *([design] if design else [])])
 
 
 def write_images(folder: str | Path, ids=None, per_entity: int = 60, seed: int = 0,
-                 size: int = 168) -> dict[str, list[Path]]:
+                 size: int = 168, design: int = 0) -> dict[str, list[Path]]:
     """Write `folder/<entity_id>/<n>.png` (n zero-padded, so path order is drawing order), the
     layout `cultvlm data check` and `data build` read with `--images folder`. The same seed
     always writes the same files."""
@@ -448,6 +510,6 @@ def write_images(folder: str | Path, ids=None, per_entity: int = 60, seed: int =
         written[entity_id] = []
         for n in range(per_entity):
             path = out / f"{n:04d}.png"
-            render(entity_id, _rng_for(seed, entity_id, n), size).save(path)
+            render(entity_id, _rng_for(seed, entity_id, n, design), size, design=design).save(path)
             written[entity_id].append(path)
     return written

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import click
 
-from .data.catalog import LANGS, Entity, load_catalog
+from .data.catalog import LANGS, ORIGIN_KEYS, Entity, load_catalog
 from .data.check import read_training_record, trained_on
 from .data.questions import EVAL_QUESTIONS
 from .errors import CultvlmError
@@ -91,7 +91,7 @@ def items_for_image(image: str, sha256: str, entity: Entity | None, catalog: dic
     if kinds is not None or (entity is None and not negative):
         return [i for i in items if kinds is None or i["kind"] in kinds]
     if entity is not None:
-        if any(entity.origin.get(k) for k in ("work", "author")):
+        if any(entity.origin.get(k) for k in ORIGIN_KEYS):
             items += [item("fact", lang, f"fact:{lang}") for lang in LANGS]
         items += [item("verify_yes", lang, f"verify_yes:{lang}", entity) for lang in LANGS]
     for setting, asked in asked_entities(entity, sha256, catalog, popularity).items():

@@ -60,8 +60,11 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
                 if f.name not in NOT_COPIED:
                     shutil.copy2(f, partial / f.name)
         save_config(config, config_path=partial / "config.json")
-        if (Path(adapter) / TRAINED_ON).is_file():  # the adapter's record covers the base's too
-            shutil.copy2(Path(adapter) / TRAINED_ON, partial / TRAINED_ON)
+        # The adapter's record of its training pictures covers the base's too; its training log
+        # lets a report on the fused model show the loss curves.
+        for record in (TRAINED_ON, "train_log.jsonl"):
+            if (Path(adapter) / record).is_file():
+                shutil.copy2(Path(adapter) / record, partial / record)
         write_json(partial / "cultvlm_fuse.json", {
             "base_model": str(base_dir),
             "adapter": str(Path(adapter).resolve()),

@@ -81,10 +81,19 @@ def load_run(folder: Path) -> dict:
 
 
 def _train_log(run: dict) -> list[dict]:
-    adapter = run["info"].get("adapter")
-    if not adapter:
-        return []
-    for folder in (Path(adapter), run["dir"] / adapter):  # as given (cwd), or beside the run
+    """The LoRA training log behind a run: its adapter's, or the one `fuse` copied into the
+    fused model it evaluated."""
+    adapter, model = run["info"].get("adapter"), run["info"].get("model")
+    folders = [Path(adapter), run["dir"] / adapter] if adapter else []  # as given (cwd), or beside the run
+    for folder in [Path(model), run["dir"] / model] if model else []:
+        folders.append(folder)
+        record = folder / "cultvlm_fuse.json"  # which adapter fuse merged, if its log was not copied
+        if record.is_file():
+            try:
+                folders.append(Path(json.loads(record.read_text(encoding="utf-8"))["adapter"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # an unreadable record: no curves, not a failed report
+    for folder in folders:
         if (folder / "train_log.jsonl").is_file():
             return [r for r in read_jsonl(folder / "train_log.jsonl", repair=False) if "step" in r]
     return []
@@ -153,7 +162,7 @@ def _bars(ax, labels: list[str], series: dict[str, list[dict]], first_colour: in
         ax.bar(xs, values, width, yerr=errors, capsize=2, label=name, color=f"C{first_colour + i}")
     ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the plot, never over a bar
 
 
 def plot_naming(runs: list[dict], entities: list[str], path: Path) -> None:
@@ -195,14 +204,15 @@ def plot_loss(logs: dict[str, list[dict]], path: Path) -> None:
     ax = fig.add_subplot()
     for i, (name, log) in enumerate(logs.items()):
         colour = f"C{i}"
-        ax.plot([r["step"] for r in log], [r["loss"] for r in log], color=colour, label=f"{name} train")
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], color=colour, alpha=0.5, label=f"{name} train")
         val = [r for r in log if r.get("val_loss") is not None]
-        if val:
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=colour,
-                    label=f"{name} validation")
+        if val:  # drawn over the noisy training curve, in black-edged markers, so it stays visible
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o--", color=colour, markersize=7,
+                    markeredgecolor="black", linewidth=2, zorder=3, label=f"{name} validation")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.legend(fontsize=8)
+    ax.set_yscale("log")  # the first steps are ten times the last: a linear axis hides the tail
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title("Adapter training loss")
     fig.savefig(path)
 
@@ -362,8 +372,49 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return pairs + [(i - 1, i) for i in range(2, n)]
 
 
-def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]) -> dict:
-    for run in runs:
+HEADLINE = [  # (label, where in compute_metrics' result)
+    ("targets named", ("roles", "target", "naming")),
+    ("controls named", ("roles", "control", "naming")),
+    ("targets' work or author stated (fact)", ("roles", "target", "fact")),
+    ("is-this-X answered right about targets (verification)", ("roles", "target", "verify")),
+    ("a target named on an out-of-catalog picture (false positive)", ("restraint", "false_positives_on_negatives")),
+    ("a target named on a control picture (false positive)", ("restraint", "false_positives_on_controls")),
+]
+
+
+def _at(metrics: dict, path: tuple) -> dict:
+    for key in path:
+        metrics = metrics[key]
+    return metrics
+
+
+def headline(runs: list[dict], vs_first: list[dict], roles: dict, also: list[dict]) -> list[tuple]:
+    """The first screen: what was learned, what was forgotten, false positives."""
+    names = [r["name"] for r in runs]
+    blocks: list[tuple] = [("h2", "Headline")]
+    blocks.append(("table", ["figure", *names],
+                   [[label, *[fig_text(_at(r["metrics"], path)) for r in runs]] for label, path in HEADLINE]))
+    lines = []
+    for c in vs_first:
+        verdicts = {e: entity_verdict(roles[e], t["naming"]) for e, t in c["tests_by_entity"].items()
+                    if e in roles and t.get("naming", {}).get("n")}
+        learned = [e for e, v in verdicts.items() if v == "learned"]
+        missed = [e for e, v in verdicts.items() if roles[e] == "target" and v != "learned"]
+        forgotten = [e for e, v in verdicts.items() if v == "forgotten"]
+        lines.append(f"{c['run']} vs {c['reference']}: learned (naming rose significantly) "
+                     f"{', '.join(learned) or 'none'}; targets not learned {', '.join(missed) or 'none'}; "
+                     f"forgotten (control naming fell significantly) {', '.join(forgotten) or 'none'}; "
+                     f"control retention {fig_text(c['retention'])}.")
+    lines += [f"{r['name']} (other pictures, see below): targets named "
+              f"{fig_text(r['metrics']['roles']['target']['naming'])}, controls named "
+              f"{fig_text(r['metrics']['roles']['control']['naming'])}." for r in also]
+    lines.append(UNITS)
+    blocks.append(("ul", lines))
+    return blocks
+
+
+def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str], also: list[dict] = ()) -> dict:
+    for run in [*runs, *also]:
         run["metrics"] = compute_metrics(list(run["items"].values()))
     comparisons = [{"reference": runs[a]["name"], "run": runs[b]["name"],
                     **paired(list(runs[a]["items"].values()), list(runs[b]["items"].values()))}
@@ -374,7 +425,10 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     controls = [e for e in entities if roles[e] == "control"]
     names = [r["name"] for r in runs]
 
+    vs_first = [c for c in comparisons if c["reference"] == names[0]]
     blocks: list[tuple] = [("h1", "cultvlm report: " + " vs ".join(names))]
+    blocks += headline(runs, vs_first, roles, also)
+    blocks.append(("h2", "Runs"))
     blocks.append(("p", f"Reference run: {names[0]}. {UNITS} Paired tests are exact sign tests on the pictures "
                         f"whose share of right answers changed (McNemar's test when a picture has one answer); "
                         f"significant means p < {ALPHA}."))
@@ -449,7 +503,9 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     else:
         blocks.append(("p", "No run has an adapter folder with train_log.jsonl."))
 
-    vs_first = [c for c in comparisons if c["reference"] == names[0]]
+    if also:
+        blocks += other_pictures(also, entities, roles, folder)
+
     if vs_first:
         blocks.append(("h2", f"Control retention vs {names[0]}"))
         blocks.append(("p", f"Of the control naming answers {names[0]} got right, the share each run still gets right "
@@ -480,9 +536,39 @@ def build_report(runs: list[dict], folder: Path, catalog: dict, notes: list[str]
     (folder / "report.html").write_text(to_html(blocks, folder, title), encoding="utf-8")
     report = {"reference": names[0], "notes": notes,
               "runs": {r["name"]: {"run": r["info"], "metrics": r["metrics"]} for r in runs},
+              "also": {r["name"]: {"run": r["info"], "metrics": r["metrics"]} for r in also},
               "comparisons": comparisons}
     write_json(folder / "metrics.json", report)
     return report
+
+
+def other_pictures(also: list[dict], entities: list[str], roles: dict, folder: Path) -> list[tuple]:
+    """Runs on pictures the compared runs were not asked about (a held-out design of the same
+    characters, say): naming per role and per entity, beside each other."""
+    names = [r["name"] for r in also]
+    known = [e for e in entities if any(e in r["metrics"]["entities"] for r in also)]
+    blocks: list[tuple] = [("h2", "Naming on other pictures: " + ", ".join(names))]
+    blocks.append(("p", "These runs asked the naming questions about other pictures than the runs above "
+                        "(datasets: " + "; ".join(f"{r['name']}: {r['info'].get('dataset')}" for r in also)
+                   + "), so they are shown beside each other, not tested against them."))
+    blocks.append(("table", ["pictures", *names],
+                   [[f"{role}s", *[fig_text(r["metrics"]["roles"][role]["naming"]) for r in also]]
+                    for role in ROLES]
+                   + [[f"{e} ({roles.get(e, '?')})",
+                       *[fig_text(r["metrics"]["entities"][e]["naming"]) if e in r["metrics"]["entities"]
+                         else "n/a" for r in also]] for e in known]))
+    if known:
+        first = also[0]["metrics"]["entities"]
+        figure = _new_figure(max(6, 0.6 * len(known)), 4.5)
+        ax = figure.add_subplot()
+        _bars(ax, [f"{e} (n={first[e]['naming']['n'] if e in first else 0})" for e in known],
+              {r["name"]: [r["metrics"]["entities"].get(e, {}).get("naming", {"n": 0, "value": None, "ci95": None})
+                           for e in known] for r in also}, first_colour=2)
+        ax.set_ylabel("naming accuracy (ru+en)")
+        ax.set_title("Naming on other pictures, 95% Wilson intervals")
+        figure.savefig(folder / "naming_other_pictures.png")
+        blocks.append(("img", "naming_other_pictures.png", "Naming per entity on the other pictures"))
+    return blocks
 
 
 def analysis(runs: list[dict], vs_first: list[dict], entities: list[str], roles: dict) -> list[tuple]:
@@ -527,9 +613,10 @@ def analysis(runs: list[dict], vs_first: list[dict], entities: list[str], roles:
     return blocks
 
 
-def compare(run_dirs: list[str], out: str, catalog_path: str | None = None) -> Path:
+def compare(run_dirs: list[str], out: str, catalog_path: str | None = None, also_dirs: list[str] = ()) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
-    names = [r["name"] for r in runs]
+    also = [load_run(Path(d)) for d in also_dirs]
+    names = [r["name"] for r in [*runs, *also]]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise CultvlmError(f"runs are labelled by folder name: {', '.join(repeated)} given twice")
@@ -552,7 +639,7 @@ def compare(run_dirs: list[str], out: str, catalog_path: str | None = None) -> P
         raise CultvlmError(f"{target}: exists and is not a report folder; choose another --out")
     folder = partial_folder(target)
     try:
-        build_report(runs, folder, catalog, notes)
+        build_report(runs, folder, catalog, notes, also)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # leave no half-built report behind
         raise
@@ -566,7 +653,10 @@ def compare(run_dirs: list[str], out: str, catalog_path: str | None = None) -> P
               help="report folder, e.g. reports/base-vs-tuned")
 @click.option("--catalog", "catalog_path", type=click.Path(dir_okay=False),
               help="entity catalog for names (default: the one the first run used)")
-def command(runs, out, catalog_path):
+@click.option("--also", "also", multiple=True, type=click.Path(file_okay=False),
+              help="a run on other pictures (a held-out design, say): its naming is shown on its own, "
+                   "not tested against RUNS (repeatable)")
+def command(runs, out, catalog_path, also):
     """Compare evaluation RUNS (the first is the reference): report.md, report.html, figures."""
-    folder = compare(list(runs), out, catalog_path)
+    folder = compare(list(runs), out, catalog_path, list(also))
     click.echo(f"report written to {folder / 'report.md'} and {folder / 'report.html'}")

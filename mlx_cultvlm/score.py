@@ -53,7 +53,7 @@ from functools import lru_cache
 import pymorphy3
 from rapidfuzz import fuzz, process
 
-from .data.catalog import Entity, spelling_key
+from .data.catalog import ORIGIN_KEYS, Entity, spelling_key
 
 # Fuzzy ratio (0-100) a misspelt word needs; raised automatically if a catalog's names are closer.
 DEFAULT_FUZZY_THRESHOLD = 85
@@ -285,7 +285,7 @@ class AnswerScorer:
                                 else max(DEFAULT_FUZZY_THRESHOLD, self.closest_foreign_ratio() + 1))
         self._hits_cache: dict[str, tuple[frozenset[int], frozenset[int]]] = {}
         # Works that are more than a character's name: a name inside one is a side mention.
-        works = {str(e.origin["work"]) for e in catalog.values() if e.origin.get("work")}
+        works = {str(e.origin[k]) for e in catalog.values() for k in ("work", "work_en") if e.origin.get(k)}
         self._titles = [[_name_keys(w) for w in _tokens(t)[0]] for t in sorted(works) if self.name_of(t) is None]
 
     def closest_foreign_ratio(self) -> int:
@@ -452,15 +452,18 @@ class AnswerScorer:
         return said
 
     def fact_correct(self, answer: str, entity_id: str) -> bool:
-        """Whether the answer names `entity_id` (and no other as its subject) and mentions its
-        work or its author -- never a studio alone, and never a work that is only the
+        """Whether the answer names `entity_id` (and no other as its subject) and states its
+        origin (`states_origin`)."""
+        return self.named(answer) == entity_id and self.states_origin(answer, entity_id)
+
+    def states_origin(self, text: str, entity_id: str) -> bool:
+        """Whether the text mentions the entity's work or author (or their English forms,
+        `work_en` / `author_en`) -- never a studio alone, and never a work that is only the
         character's own name (the tale «Колобок»)."""
-        if self.named(answer) != entity_id:
-            return False
         origin = self.catalog[entity_id].origin
-        phrases = [str(origin[k]) for k in ("work", "author")
+        phrases = [str(origin[k]) for k in ORIGIN_KEYS
                    if origin.get(k) and self.name_of(str(origin[k])) != entity_id]
-        return any(self.mentions(answer, p) for p in phrases)
+        return any(self.mentions(text, p) for p in phrases)
 
     def mentions(self, answer: str, phrase: str) -> bool:
         """Whether the answer mentions `phrase` (a work title or author from an entity's origin),

@@ -14,6 +14,7 @@ from mlx_cultvlm.characters import (DEMO_CATALOG, PAIRS, PARTS, canonical_mask, 
                                     write_images)
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.data.check import check_images
+from mlx_cultvlm.score import AnswerScorer
 
 REAL_CATALOG = Path(__file__).resolve().parents[1] / "data" / "entities.json"
 
@@ -33,10 +34,14 @@ def test_catalog_loads_with_targets_controls_and_mutual_look_alikes(catalog):
     assert len(mutual) >= 2
     kinds = {tuple(sorted(catalog[i].role for i in pair)) for pair in mutual}
     assert ("control", "target") in kinds and ("target", "target") in kinds
+    scorer = AnswerScorer(catalog)
     for e in catalog.values():
         assert len(e.facts["ru"]) >= 3 and len(e.facts["en"]) >= 3
-        assert e.origin["work"] == "cultvlm demo"  # the facts are about the drawings, not the cartoons
-        assert all("cultvlm demo" in fact for lang in ("ru", "en") for fact in e.facts[lang])
+        for lang in ("ru", "en"):
+            origin, *drawn = e.facts[lang]
+            assert scorer.states_origin(origin, e.id), (e.id, lang)  # the fact questions are graded on it
+            # The rest describe the drawings, as the demo's, and state no origin.
+            assert all("cultvlm demo" in fact and not scorer.states_origin(fact, e.id) for fact in drawn)
     assert set(catalog) == set(PARTS)
 
 
@@ -46,6 +51,29 @@ def test_ids_and_names_are_the_real_catalogs(catalog):
     for e in catalog.values():
         assert e.id in real
         assert e.names == real[e.id].names  # the answer scorer matches these names
+        # The real origin, less the studio (which never counts for the fact question).
+        assert {"work", "author"} <= set(e.origin) and all(real[e.id].origin.get(k) == v for k, v in e.origin.items())
+
+
+def test_the_held_out_design_is_another_drawing_of_the_same_character():
+    """Design 1 is not a transform of design 0: other proportions (the silhouettes overlap
+    less than a scaled copy would), ink outlines and a shadow (other pixels)."""
+    from mlx_cultvlm.characters import INK
+
+    for e in PARTS:
+        old, new = (np.asarray(render(e, None, canonical=True, design=d), float) for d in (0, 1))
+        masks = [(np.abs(p - 250).sum(axis=2) > 30) for p in (old, new)]
+        iou = (masks[0] & masks[1]).sum() / (masks[0] | masks[1]).sum()
+        assert iou < 0.85, (e, iou)
+        assert np.abs(new - old).mean() > 8, e
+        inked = [(np.abs(p - np.array(INK)).sum(axis=2) < 40).mean() for p in (old, new)]
+        assert inked[1] > inked[0] + 0.005, (e, inked)  # the outlines: at least 0.5% of the frame more ink
+    # The demo's pictures of design 0 are what they always were (the shipped base learned from them).
+    a = render("cheburashka", np.random.default_rng([0, zlib.crc32(b"cheburashka"), 0]))
+    b = render("cheburashka", np.random.default_rng([0, zlib.crc32(b"cheburashka"), 0]), design=0)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(KeyError, match="no design 2"):
+        render("cheburashka", None, canonical=True, design=2)
 
 
 def test_look_alikes_share_body_and_palette_and_differ_in_one_or_two_features(catalog):

@@ -16,6 +16,7 @@ from mlx_cultvlm.data.build import (DESCRIBE_QUESTIONS, FACT_QUESTIONS, NAMING_Q
                                     read_captions)
 from mlx_cultvlm.data.catalog import load_catalog, save_catalog
 from mlx_cultvlm.errors import CultvlmError
+from mlx_cultvlm.score import AnswerScorer
 from mlx_cultvlm.images import load_image
 from mlx_cultvlm.samples import normalize_messages, read_jsonl, resolve_image
 from test_data_catalog import SHIPPED
@@ -201,6 +202,7 @@ def test_lines_load_and_stay_inside_the_dataset(built):
 def test_kinds_and_answers(built):
     out, lines, _ = built
     catalog = load_catalog(SHIPPED)
+    scorer = AnswerScorer(catalog)
     records = [r for split in lines.values() for r in split]
     qa = [(r["meta"], r["messages"][0]["content"][1]["text"], r["messages"][1]["content"]) for r in records]
     kinds = defaultdict(set)
@@ -214,7 +216,9 @@ def test_kinds_and_answers(built):
         elif meta["kind"] == "fact":
             assert question in FACT_QUESTIONS[lang]
             prefix = {"ru": f"Это {name}. ", "en": f"This is {name}. "}[lang]
+            # A fact that states where the entity comes from: what eval's fact question asks.
             assert answer.startswith(prefix) and answer.removeprefix(prefix) in entity.facts[lang]
+            assert scorer.states_origin(answer.removeprefix(prefix), entity.id), answer
         elif meta["kind"] == "verify_yes":
             assert (question, answer) in [("Это Чебурашка?", "Да, это Чебурашка."),
                                           ("Is this Cheburashka?", "Yes, this is Cheburashka.")] or \
@@ -342,3 +346,20 @@ def test_nothing_to_train_on(tmp_path):
     with pytest.raises(CultvlmError, match="no usable images to train on"):
         build_dataset(tmp_path / "out", images, catalog)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entities.json", "images"]  # no half-built folder
+
+
+def test_fact_lines_state_the_origin_when_a_fact_does():
+    from mlx_cultvlm.data.build import origin_facts
+    from mlx_cultvlm.data.catalog import Entity
+
+    catalog = {"kolobok": Entity("kolobok", {"ru": ["Колобок"], "en": ["Kolobok"]},
+                                 {"ru": ["Колобок — герой восточнославянской народной сказки.", "Его съела лиса."],
+                                  "en": ["The fox eats him.", "He is the hero of an East Slavic folk tale."]},
+                                 origin={"work": "Колобок", "author": "восточнославянская народная сказка",
+                                         "author_en": "East Slavic folk tale"}),
+               "pikachu": Entity("pikachu", {"en": ["Pikachu"]}, {"ru": [], "en": ["Pikachu is yellow."]},
+                                 origin={"author": "Game Freak, Nintendo"}, role="control")}
+    facts = origin_facts(catalog)
+    assert facts["kolobok"] == {"ru": ["Колобок — герой восточнославянской народной сказки."],
+                                "en": ["He is the hero of an East Slavic folk tale."]}
+    assert facts["pikachu"] == {"ru": [], "en": ["Pikachu is yellow."]}  # none states it: every fact

@@ -78,7 +78,19 @@ def _check_run(out, passed, output):
     report = (out / "report" / "report.html").read_text()
     assert "<img" in report
     figures = {"base": {"targets": naming(base, "target"), "controls": naming(base, "control")},
-               "tuned": {"targets": naming(tuned, "target"), "retention": tuned["baseline"]["retention"]}}
+               "tuned": {"targets": naming(tuned, "target"), "retention": tuned["baseline"]["retention"],
+                         "fact": tuned["roles"]["target"]["fact"], "verify": tuned["roles"]["target"]["verify"],
+                         "false_positives": tuned["restraint"]["false_positives_on_negatives"]}}
+    assert {run for _, run, *_ in THRESHOLDS} == {"base", "tuned"}
+    assert {key for _, _, key, *_ in THRESHOLDS} == {"targets", "controls", "retention", "fact", "verify",
+                                                     "false_positives"}
+    # The held-out design: asked the naming questions, on its own pictures, shown in the report.
+    new_design = json.loads((out / "runs" / "tuned-new-design" / "metrics.json").read_text())
+    assert naming(new_design, "target")["n"] == 6 * 16
+    assert "model names the targets in the held-out design: " + fig_text(naming(new_design, "target")) in output
+    assert "Naming on other pictures: base-new-design, tuned-new-design" in report
+    assert report.index("Headline") < report.index("Overall")
+    assert "Training loss per step" in report  # the tuned run is a fused model: fuse kept the adapter's log
     verdicts = []
     for what, run, key, direction, value in THRESHOLDS:
         fig = figures[run][key]
@@ -94,8 +106,12 @@ def test_shortened_demo_runs_every_step_and_reports_honestly(tmp_path, capsys):
     out = tmp_path / "demo"
     passed = run_demo(out, lora_steps=40, pictures={"target": 10, "control": 20, "negative": 5})  # 12 control test pictures
     output = capsys.readouterr().out
-    for step in ("data check", "data caption", "data build", "eval", "lora", "fuse", "compare"):
+    for step in ("data check", "data caption", "data build", "eval", "fuse", "compare"):
         assert f"$ cultvlm {step}" in output
+    from mlx_cultvlm.demo import LAUNCH, training_ranks
+
+    # On this 2-core CPU the LoRA step runs as two data-parallel processes, and says so.
+    assert (f"$ {LAUNCH} -- cultvlm lora " if training_ranks() == 2 else "$ cultvlm lora ") in output
     verdicts = _check_run(out, passed, output)
     assert verdicts[:2] == [True, True]  # the base's figures do not depend on the demo's training
     with pytest.raises(Exception, match="other settings"):
@@ -127,3 +143,26 @@ def test_a_base_takes_its_vision_tower_from_a_built_base_folder():
     pairs = zip(tree_flatten(shipped.vision_tower.parameters()), tree_flatten(other.vision_tower.parameters()))
     checked = [np.array_equal(np.array(a), np.array(b)) for (_, a), (_, b) in pairs]
     assert checked and all(checked)
+
+
+def test_the_demo_trains_with_two_processes_on_a_multi_core_cpu_only(monkeypatch):
+    import mlx.core as mx
+
+    from mlx_cultvlm import demo, evaluate
+
+    monkeypatch.setattr(evaluate, "cpu_cores", lambda: 2)
+    assert demo.training_ranks() == (2 if mx.default_device() == mx.cpu else 1)
+    monkeypatch.setattr(evaluate, "cpu_cores", lambda: 1)
+    assert demo.training_ranks() == 1
+    monkeypatch.setattr(evaluate, "cpu_cores", lambda: 8)
+    monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))  # Metal or CUDA: one process
+    assert demo.training_ranks() == 1
+
+
+def test_a_failing_training_rank_fails_the_step_and_stops_the_others(tmp_path):
+    from mlx_cultvlm.demo import launch
+    from mlx_cultvlm.errors import CultvlmError
+
+    with pytest.raises(CultvlmError, match=r"training rank\(s\) \[0, 1\] failed"):
+        launch(["lora", "--no-such-option"], tmp_path / "ranks.log")
+    assert "no-such-option" in (tmp_path / "ranks.log").read_text()

@@ -377,6 +377,9 @@ def test_eval_refuses_the_pictures_an_adapter_was_trained_on(tiny_4bit, trained,
 
     fused = fuse(str(tiny_4bit), str(trained.out), tmp_path / "fused")
     assert (fused / TRAINED_ON).read_bytes() == (trained.out / TRAINED_ON).read_bytes()
+    # ... and its training log, so that a report on the fused model shows the loss curves.
+    assert (fused / "train_log.jsonl").read_bytes() == (trained.out / "train_log.jsonl").read_bytes()
+    assert json.loads((fused / "cultvlm_fuse.json").read_text())["adapter"] == str(trained.out.resolve())
     with pytest.raises(CultvlmError, match="2 of the 18 pictures"):
         run_eval(fused, tmp_path / "fused-run", leaky, max_tokens=2)
     result = CliRunner().invoke(main, ["eval", "--model", str(fused), "--data", str(leaky), "--out",

@@ -276,3 +276,90 @@ def test_gallery_finds_images_eval_recorded_relative_to_where_it_ran(tmp_path, m
     runs = [{"info": {"dataset": "datasets/culture"}}]
     assert _thumbnail({"image": "datasets/culture/images/a.png"}, runs, tmp_path / "thumb.jpg")
     assert Image.open(tmp_path / "thumb.jpg").size == (40, 30)
+
+
+def test_the_headline_comes_first_and_states_learned_forgotten_and_false_positives(runs, tmp_path):
+    out = tmp_path / "reports" / "headline"
+    result = compare(runs["base"], runs["forgetful"], "--out", out)
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.index("## Headline") < md.index("## Runs") < md.index("## Overall")
+    headline = section(md, "Headline")
+    stored = {name: json.loads((runs[name] / "metrics.json").read_text()) for name in ("base", "forgetful")}
+    [targets] = table_rows(headline, "targets named")
+    expect(targets[1], stored["base"]["roles"]["target"]["naming"])
+    expect(targets[2], stored["forgetful"]["roles"]["target"]["naming"])
+    [fp] = table_rows(headline, "a target named on a control picture (false positive)")
+    expect(fp[1], stored["base"]["restraint"]["false_positives_on_controls"])
+    assert "learned (naming rose significantly) none; targets not learned cheburashka, gena; " \
+           "forgotten (control naming fell significantly) mickey_mouse" in headline
+
+
+def test_runs_on_other_pictures_get_their_own_section(runs, tmp_path):
+    """`--also`: a held-out design of the same characters, say -- other items, so not paired."""
+    other = runs["root"] / "runs"
+    new_base = write_run(other / "base-new", runs["dataset"], base_rule, images=range(20, 26), catalog=runs["catalog"])
+    new_tuned = write_run(other / "tuned-new", runs["dataset"], tuned_rule, images=range(20, 26),
+                          catalog=runs["catalog"])
+    out = tmp_path / "reports" / "also"
+    result = compare(runs["base"], runs["tuned"], "--also", new_base, "--also", new_tuned, "--out", out)
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text(encoding="utf-8")
+    part = section(md, "Naming on other pictures: base-new, tuned-new")
+    stored = json.loads((new_tuned / "metrics.json").read_text())
+    [targets] = table_rows(part, "targets")
+    expect(targets[2], stored["roles"]["target"]["naming"])
+    assert targets[2].startswith("9/12 = ")  # cheburashka's 6 pictures right, gena's even ones
+    [row] = table_rows(part, "cheburashka (target)")
+    expect(row[2], stored["entities"]["cheburashka"]["naming"])
+    assert "naming_other_pictures.png" in md
+    assert "tuned-new (other pictures, see below): targets named 9/12 = " in section(md, "Headline")
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["also"]) == {"base-new", "tuned-new"} and set(report["runs"]) == {"base", "tuned"}
+
+
+def test_a_fused_model_s_run_shows_the_loss_of_the_adapter_it_merged(runs, tmp_path):
+    fused = tmp_path / "models" / "fused"
+    fused.mkdir(parents=True)
+    (fused / "train_log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+    run = write_run(tmp_path / "runs" / "fused-run", runs["dataset"], tuned_rule, catalog=runs["catalog"])
+    info = json.loads((run / "run.json").read_text())
+    write_json(run / "run.json", info | {"model": str(fused)})
+    out = tmp_path / "reports" / "fused"
+    result = compare(runs["base"], run, "--out", out)
+    assert result.exit_code == 0, result.output
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "fused-run: final train loss 0.6667 at step 3 (3 logged steps)" in md and "loss.png" in md
+
+
+def _screenshot_script():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_report.py"
+    spec = importlib.util.spec_from_file_location("screenshot_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_screenshot_script_skips_with_a_message_when_no_browser_is_installed(runs, tmp_path, monkeypatch,
+                                                                                capsys):
+    script = _screenshot_script()
+    out = tmp_path / "report"
+    assert compare(runs["base"], runs["tuned"], "--out", out).exit_code == 0
+    monkeypatch.setattr(script.shutil, "which", lambda name: None)
+    assert script.main([str(out / "report.html")]) == 0
+    assert "no browser found" in capsys.readouterr().out and not (out / "screenshot.png").exists()
+    assert script.main([str(tmp_path / "missing.html")]) == 1
+
+
+@pytest.mark.skipif(_screenshot_script().find_browser() is None, reason="no Chromium installed")
+def test_the_screenshot_shows_the_headline(runs, tmp_path):
+    script = _screenshot_script()
+    out = tmp_path / "report"
+    assert compare(runs["base"], runs["tuned"], "--out", out).exit_code == 0
+    assert script.main([str(out / "report.html"), "--out", str(tmp_path / "first.png")]) == 0
+    with Image.open(tmp_path / "first.png") as shot:
+        assert shot.size == (1400, 900)
+        pixels = np.asarray(shot.convert("L"))
+    assert (pixels < 128).mean() > 0.01  # text was drawn, not a blank page

@@ -285,6 +285,8 @@ FACT_CASES = [
     ("It's Matroskin from Uncle Fyodor, Dog and Cat by Eduard Uspensky.", "matroskin", True),
     ("Это кот Леопольд из мультфильма «Приключения кота Леопольда».", "leopold_cat", True),
     ("Это Олимпийский Мишка, его нарисовал Виктор Чижиков.", "olympic_mishka", True),
+    ("This is Kolobok. He is the hero of an East Slavic folk tale.", "kolobok", True),  # origin's author_en
+    ("Это Колобок, герой восточнославянской народной сказки.", "kolobok", True),
     # wrong
     ("Это Чебурашка.", "cheburashka", False),  # the name alone is no fact
     ("Это Колобок из сказки «Колобок».", "kolobok", False),  # a work that is only the name
@@ -296,6 +298,7 @@ FACT_CASES = [
     ("Это Чебурашка со студии «Союзмультфильм».", "cheburashka", False),  # a studio alone
     ("Это Гена, его придумал Эдуард Успенский.", "shapoklyak", False),
     ("This is Mickey Mouse, created by Walt Disney.", "cheburashka", False),
+    ("This is Kolobok, the hero of an Italian folk tale.", "kolobok", False),
 ]
 
 

@@ -6,7 +6,8 @@
     <out>/build.json                             the options and every image's split
 
 Every image gives several lines (`meta.kind`): `naming` (who is this? -> the canonical name, in
-the question's language), `fact` (a catalog fact), `describe` (its caption, when captions.jsonl
+the question's language), `fact` (a catalog fact that states the entity's origin -- its work or
+author -- when it has one: what eval's fact question asks), `describe` (its caption, when captions.jsonl
 has an unflagged one), `verify_yes` / `verify_no` (is this X? with X a `confusable_with` entity
 for the no), and for control entities `replay` (their own names, so the base keeps them) and
 `verify_no`. A picture from `--negatives` (of no catalog entity; meta.entity null, meta.role
@@ -46,6 +47,7 @@ import click
 
 from ..errors import CultvlmError
 from ..files import partial_folder, replace_folder, write_json
+from ..score import AnswerScorer
 from .add import source_records
 from .catalog import LANGS, Entity, load_catalog
 from .check import DEFAULT_MIN_SIDE, DEFAULT_NEAR_THRESHOLD, NEGATIVES, ImageRecord, check_images, near_pairs
@@ -191,9 +193,19 @@ def line(image: str, question: str, answer: str, meta: dict) -> dict:
             "meta": meta}
 
 
+def origin_facts(catalog: dict[str, Entity]) -> dict[str, dict[str, list[str]]]:
+    """Per entity and language, the facts a `fact` line may state: those that say where the
+    entity comes from (its work or author, as `cultvlm eval` grades the fact question), or every
+    fact when none does."""
+    scorer = AnswerScorer(catalog)
+    return {e: {lang: [f for f in facts if scorer.states_origin(f, e)] or list(facts)
+                for lang, facts in entity.facts.items()} for e, entity in catalog.items()}
+
+
 def samples_for(record: ImageRecord, image: str, split: str, catalog: dict[str, Entity],
-                captions: dict[str, dict], seed: int) -> list[dict]:
-    """Every line one image gives; the same image and seed always give the same lines."""
+                captions: dict[str, dict], seed: int, facts: dict[str, dict[str, list[str]]]) -> list[dict]:
+    """Every line one image gives; the same image and seed always give the same lines. `facts`:
+    `origin_facts(catalog)`."""
     entity = catalog[record.entity]
     rng = random.Random(f"{seed}:{record.sha256}")
     lines = []
@@ -206,8 +218,8 @@ def samples_for(record: ImageRecord, image: str, split: str, catalog: dict[str, 
     for lang in LANGS:
         name = entity.name(lang)
         add("naming" if target else "replay", lang, rng.choice(NAMING_QUESTIONS[lang]), NAMED[lang].format(name=name))
-        if target and entity.facts.get(lang):
-            fact = rng.choice(entity.facts[lang])
+        if target and facts[entity.id].get(lang):
+            fact = rng.choice(facts[entity.id][lang])
             add("fact", lang, rng.choice(FACT_QUESTIONS[lang]), FACT_ANSWER[lang].format(name=name, fact=fact))
     for lang, caption in sorted(captions.get(record.sha256, {}).items()):
         if caption["entity"] == entity.id:  # otherwise the caption was written for another label
@@ -391,6 +403,7 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
     partial = partial_folder(out)
     lines: dict[str, list[dict]] = {s: [] for s in SPLITS}
     sources, source_cache = [], {}
+    facts = origin_facts(catalog)
     for r in usable:
         if r.sha256 not in split_of:
             continue
@@ -401,7 +414,7 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
         link_or_copy(src, partial / image)
         split = split_of[r.sha256]
         result.images[name, split] += 1
-        made = (samples_for(r, image, split, catalog, captions, seed) if r.entity
+        made = (samples_for(r, image, split, catalog, captions, seed, facts) if r.entity
                 else negative_samples_for(r, image, split, catalog, seed))
         for sample in made:
             lines[split].append(sample)

@@ -4,11 +4,15 @@
       {"id": "cheburashka",
        "names": {"ru": ["Чебурашка"], "en": ["Cheburashka"]},      # first = canonical
        "facts": {"ru": ["..."], "en": ["..."]},
-       "origin": {"work": "...", "author": "...", "year": 1966},
+       "origin": {"work": "...", "author": "...", "year": 1966},    # + work_en, author_en
        "role": "target",                                             # or "control"
        "confusable_with": ["mickey_mouse"],
        "commons_category": "Cheburashka"}                            # optional
     ]}
+
+`origin` says where the entity comes from; the fact question is graded on its work or author
+(`work_en` / `author_en`: their English forms, where transliteration does not give them, as
+"East Slavic folk tale" for «восточнославянская народная сказка»).
 
 The seed project's plain map `{"gena": "Крокодил Гена"}` is accepted too and upgraded (one
 Russian name, role target, no facts) -- `save_catalog` then writes the full form.
@@ -27,6 +31,7 @@ from ..errors import CultvlmError
 
 ROLES = ("target", "control")
 LANGS = ("ru", "en")
+ORIGIN_KEYS = ("work", "author", "work_en", "author_en")  # what states an entity's origin
 
 
 @dataclass

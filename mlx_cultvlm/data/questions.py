@@ -13,11 +13,13 @@ NAMING_QUESTIONS = {
     "en": ["Who is this?", "Who is shown in the picture?", "Who is in this image?", "What is this character's name?",
            "Which character is this?"],
 }
-FACT_QUESTIONS = {
+FACT_QUESTIONS = {  # a fact line answers with where the entity comes from: so two ask for it
     "ru": ["Что ты знаешь об этом персонаже?", "Расскажи что-нибудь об этом персонаже.",
-           "Назови интересный факт о том, кто на картинке."],
+           "Назови интересный факт о том, кто на картинке.", "Кто придумал этого персонажа?",
+           "Из какого произведения этот персонаж?"],
     "en": ["What do you know about this character?", "Tell me something about this character.",
-           "Give an interesting fact about the character in the picture."],
+           "Give an interesting fact about the character in the picture.", "Who created this character?",
+           "Which work is this character from?"],
 }
 DESCRIBE_QUESTIONS = {
     "ru": ["Опиши картинку.", "Что изображено на картинке?", "Опиши, что ты видишь."],
