@@ -44,16 +44,18 @@ LARGE_BASE_DIR = BASE_DIR.with_name("demo_base_large")
 # 52/12/16). 40 gave the same accuracy within a few items, on half the test items. "negative":
 # per character the catalog does not have (characters.STRANGERS), the out-of-catalog pictures.
 PICTURES = {"target": 80, "control": 80, "negative": 80}
-# Trained on the naming lines and the controls' replay only: with every kind of line, 320 steps
-# taught 4 of 72 fact questions and no verification answer, and took the steps the names needed
-# (targets 74.0%, retention 84.4%, against 76.0% and 97.8% on the naming lines; the steps and
-# learning rate were then chosen on the validation split: docs/EXPERIMENTS.md). Asked the held-out
-# phrasings and graded by the stricter scorer, validation named 59.5/72 target pictures after 480
-# steps and 62/72 after 640 (the verification lines in the mix too: 56/72), so 640.
-LORA = {"mix": ["naming", "replay"], "rank": 16, "alpha": 32.0, "dropout": 0.0,
+# Trained on the fact lines ("Это Чебурашка. Его придумал Эдуард Успенский.": the name and the
+# origin, whatever the question) and the controls' replay. Chosen on seed 0's validation split
+# (72 target pictures; docs/EXPERIMENTS.md, "Choosing the recipe"): with every kind of line the
+# two-layer language model mixes the answer kinds on held-out phrasings (1,000 steps: targets
+# 81.9%, retention 48.5%, fact 0%); [naming, replay] names well but states no fact (0%);
+# [fact, replay] at 640 steps: targets 84.7%, retention 80.9%, fact 52.8%, verification 91.7%,
+# false positives 64.6% (the tower cannot tell the strangers from some catalog characters:
+# scripts/probe_demo_tower.py). No recipe tried meets every threshold.
+LORA = {"mix": ["fact", "replay"], "rank": 16, "alpha": 32.0, "dropout": 0.0,
         "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
         "steps": 640, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 32, "max_pixels": IMAGE_SIZE ** 2,
-        "val_every": 80, "save_every": 80}
+        "val_every": 160, "save_every": 160}
 # Pictures per character of the held-out design (characters.DESIGNS): asked the naming questions only.
 NEW_DESIGN_PICTURES = 16
 THRESHOLDS = [  # (what, run, measured figure, at most / at least, value)
