@@ -157,13 +157,11 @@ def _facts(entity_id: str) -> dict[str, list[str]]:
 # (AnswerScorer.fact_correct). Short, because the demo's two-layer language model garbles long
 # ones within its training budget: the real catalog's full sentences, 40-80 tokens, came out
 # mangled and took the naming down with them (docs/EXPERIMENTS.md).
+_USPENSKY = {"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966}
 ORIGINS = {
-    "cheburashka": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
-                    "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
-    "crocodile_gena": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
-                       "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
-    "shapoklyak": ({"work": "Крокодил Гена и его друзья", "author": "Эдуард Успенский", "year": 1966},
-                   "Её придумал Эдуард Успенский.", "She was created by Eduard Uspensky."),
+    "cheburashka": (_USPENSKY, "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
+    "crocodile_gena": (_USPENSKY, "Его придумал Эдуард Успенский.", "He was created by Eduard Uspensky."),
+    "shapoklyak": (_USPENSKY, "Её придумал Эдуард Успенский.", "She was created by Eduard Uspensky."),
     "kolobok": ({"work": "Колобок", "author": "восточнославянская народная сказка",
                  "author_en": "East Slavic folk tale"},
                 "Он герой восточнославянской народной сказки.",
