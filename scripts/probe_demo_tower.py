@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlx_cultvlm import characters
     from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
+    from mlx_cultvlm.errors import CultvlmError
     from mlx_cultvlm.files import write_json
     from mlx_cultvlm.generate import load_model
 
@@ -59,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", default=str(BASE_DIR))
     args = parser.parse_args(argv)
-    model, processor = load_model(args.model)
+    try:
+        model, processor = load_model(args.model)
+    except CultvlmError as error:
+        parser.exit(2, f"{error}\n")
 
     def features(entity: str, design: int, stream: int, n: int) -> np.ndarray:
         images = [characters.render(entity, np.random.default_rng([SEED, stream, i]), IMAGE_SIZE, design=design)
