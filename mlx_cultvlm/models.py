@@ -102,7 +102,68 @@ def check_model_folder(folder: Path) -> dict:
     if short:
         raise CultvlmError(f"{folder}: incomplete weights {', '.join(short)} -- an interrupted download or "
                            "copy? Fetch them again")
+    shapes = _tensor_shapes(folder, index)
+    problem = _disagreement(config, shapes)
+    if problem:
+        raise CultvlmError(f"{folder}: config.json and the weights disagree: {problem}")
     return config
+
+
+def _tensor_shapes(folder: Path, index: Path) -> dict[str, tuple]:
+    """name -> shape of every tensor, from the shards' headers; checks the index against them."""
+    from safetensors import safe_open
+
+    shapes, where = {}, {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="numpy") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+                where[key] = shard.name
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        for name, shard in sorted(weight_map.items()):
+            if where.get(name) != shard:
+                raise CultvlmError(f"{index}: says {name} is in {shard}, which does not hold it")
+    return shapes
+
+
+# (what the config says, how to find it in the weights) -- by name suffix, so that the hub's
+# layout ("model.layers.0...", "visual.blocks...") and MLX's ("language_model.model.layers...",
+# "vision_tower.blocks...") are both read; quantization packs only the last dimension.
+_SHAPE_CHECKS = (  # field, tensor (suffix pattern), what its first dimension is
+    ("hidden_size", r"layers\.0\.input_layernorm\.weight$", "an input_layernorm"),
+    ("intermediate_size", r"layers\.0\.mlp\.gate_proj\.weight$", "a gate_proj"),
+    ("vocab_size", r"embed_tokens\.weight$", "embed_tokens"),
+    ("vision_config.hidden_size", r"blocks\.0\.norm1\.weight$", "a vision norm1"),
+    ("vision_config.intermediate_size", r"blocks\.0\.mlp\.gate_proj\.weight$", "a vision gate_proj"),
+    ("vision_config.out_hidden_size", r"merger\.mlp\.2\.weight$", "the merger's output"),
+)
+
+
+def _disagreement(config: dict, shapes: dict[str, tuple]) -> str | None:
+    import re
+
+    def value(field):
+        obj = config
+        for part in field.split("."):
+            obj = obj.get(part) if isinstance(obj, dict) else None
+        return obj
+
+    def count(pattern):
+        found = {int(m.group(1)) for k in shapes if (m := re.search(pattern, k))}
+        return max(found) + 1 if found else 0
+
+    for field, pattern, what in (("num_hidden_layers", r"(?:^|\.)layers\.(\d+)\.", "decoder layers"),
+                                 ("vision_config.depth", r"(?:^|\.)blocks\.(\d+)\.", "vision blocks")):
+        if value(field) != count(pattern):
+            return f"{field} is {value(field)} but the weights have {count(pattern)} {what}"
+    for field, pattern, tensor in _SHAPE_CHECKS:
+        hits = [shape for k, shape in shapes.items() if re.search(pattern, k)]
+        if hits and value(field) != hits[0][0]:
+            return f"{field} is {value(field)} but {tensor} in the weights has {hits[0][0]} rows"
+    if not config.get("tie_word_embeddings", False) and not any(k.endswith("lm_head.weight") for k in shapes):
+        return "tie_word_embeddings is false but the weights have no lm_head"
+    return None
 
 
 def resolve_model(model: str, models_root: str | Path | None = None) -> Path:
@@ -129,28 +190,33 @@ def resolve_model(model: str, models_root: str | Path | None = None) -> Path:
 
 
 def real_config(size: str) -> dict:
-    """config.json of Qwen2.5-VL-3B/7B-Instruct (the fields that shape the model), to build the
-    real architecture with random weights for memory and speed measurements without a download."""
+    """config.json of Qwen/Qwen2.5-VL-3B-Instruct or -7B-Instruct, every field as the hub repos
+    have it: to build the real architecture with random weights (memory and speed measurements,
+    `scripts/make_full_checkpoint.py`) without a download."""
     text = {
-        "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                   num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
-                   tie_word_embeddings=True),
-        "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                   num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
-                   tie_word_embeddings=False),
+        "3b": dict(hidden_size=2048, intermediate_size=11008, max_window_layers=70,
+                   num_attention_heads=16, num_hidden_layers=36, num_key_value_heads=2,
+                   tie_word_embeddings=True, vocab_size=151936),
+        "7b": dict(hidden_size=3584, intermediate_size=18944, max_window_layers=28,
+                   num_attention_heads=28, num_hidden_layers=28, num_key_value_heads=4,
+                   tie_word_embeddings=False, vocab_size=152064),
     }[size]
     return {
-        "model_type": "qwen2_5_vl", **text, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "max_position_embeddings": 128000, "torch_dtype": "bfloat16",
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653, "vision_token_id": 151654, "eos_token_id": 151645,
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653, "vision_token_id": 151654, "image_token_id": 151655,
+        "video_token_id": 151656, "hidden_act": "silu", "initializer_range": 0.02,
+        "max_position_embeddings": 128000, "model_type": "qwen2_5_vl", "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2", "use_cache": True, "use_sliding_window": False,
+        **text,
         "vision_config": {
-            "model_type": "qwen2_5_vl", "depth": 32, "hidden_size": 1280, "intermediate_size": 3420,
+            "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
             "num_heads": 16, "in_chans": 3, "out_hidden_size": text["hidden_size"], "patch_size": 14,
             "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
             "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2,
         },
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
     }
 
 

@@ -1,4 +1,5 @@
-"""Build a tiny Qwen2.5-VL checkpoint in Hugging Face layout, offline and deterministically.
+"""Build Qwen2.5-VL checkpoints in Hugging Face layout, offline and deterministically: the
+tiny one (below) and, with `build_checkpoint`, any size up to the real 3B/7B.
 
 It has the real architecture (window attention with a full-attention block, mrope, spatial
 merge 2, temporal patch 2), the real tensor names and sharding, a byte-level BPE tokenizer
@@ -107,8 +108,11 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(spec: TinySpec):
-    """Train a byte-level BPE with Qwen2's pre-tokenizer and add Qwen's tokens on top."""
+def build_tokenizer(spec: TinySpec, first_added_id: int | None = None):
+    """Train a byte-level BPE with Qwen2's pre-tokenizer and add Qwen's tokens on top.
+    `first_added_id` (151643 in Qwen2.5) pads the vocabulary with unused entries so that
+    <|endoftext|> and the tokens after it get the real model's ids and the tokenizer its real
+    size; the padding is never produced by encoding (no merge leads to it)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, trainers
 
@@ -125,11 +129,27 @@ def build_tokenizer(spec: TinySpec):
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    if first_added_id is not None:
+        tokenizer = _padded(tokenizer, first_added_id)
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
     tokenizer.add_tokens(
         [AddedToken(t, special=False, normalized=False) for t in QWEN_OTHER_ADDED_TOKENS])
     return tokenizer
+
+
+def _padded(tokenizer, size: int):
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    if len(vocab) > size:
+        raise ValueError(f"the trained vocabulary has {len(vocab)} entries, more than {size}")
+    for i in range(len(vocab), size):
+        vocab[f"unused{i}"] = i  # ASCII only, so it decodes like any byte-level token
+    if len(vocab) != size:
+        raise ValueError("padding entries collide with learned tokens")
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def _tokenizer_files(tokenizer, out: Path) -> dict:
@@ -225,22 +245,24 @@ def _model_config(spec: TinySpec, ids: dict, vocab_size: int) -> dict:
     }
 
 
-def _weight_shapes(spec: TinySpec, vocab_size: int) -> dict[str, tuple]:
-    """Every tensor of the checkpoint, with the Hugging Face names of the real repos."""
-    h, kv = spec.hidden_size, spec.num_key_value_heads * (spec.hidden_size // spec.num_attention_heads)
-    vh, merged = spec.vision_hidden_size, spec.vision_hidden_size * 4
-    shapes = {"visual.patch_embed.proj.weight": (vh, 3, 2, 14, 14)}
-    for i in range(spec.vision_depth):
+def _weight_shapes(config: dict) -> dict[str, tuple]:
+    """Every tensor of a checkpoint of `config`, with the Hugging Face names of the real repos,
+    in the order their state dict has them."""
+    v = config["vision_config"]
+    h, inter, vocab_size = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
+    kv = config["num_key_value_heads"] * (h // config["num_attention_heads"])
+    vh, vi, merged = v["hidden_size"], v["intermediate_size"], v["hidden_size"] * v["spatial_merge_size"] ** 2
+    patch = (vh, v["in_chans"], v["temporal_patch_size"], v["patch_size"], v["patch_size"])
+    shapes = {"visual.patch_embed.proj.weight": patch}
+    for i in range(v["depth"]):
         p = f"visual.blocks.{i}."
         shapes.update({
             p + "norm1.weight": (vh,), p + "norm2.weight": (vh,),
             p + "attn.qkv.weight": (3 * vh, vh), p + "attn.qkv.bias": (3 * vh,),
             p + "attn.proj.weight": (vh, vh), p + "attn.proj.bias": (vh,),
-            p + "mlp.gate_proj.weight": (spec.vision_intermediate_size, vh),
-            p + "mlp.gate_proj.bias": (spec.vision_intermediate_size,),
-            p + "mlp.up_proj.weight": (spec.vision_intermediate_size, vh),
-            p + "mlp.up_proj.bias": (spec.vision_intermediate_size,),
-            p + "mlp.down_proj.weight": (vh, spec.vision_intermediate_size),
+            p + "mlp.gate_proj.weight": (vi, vh), p + "mlp.gate_proj.bias": (vi,),
+            p + "mlp.up_proj.weight": (vi, vh), p + "mlp.up_proj.bias": (vi,),
+            p + "mlp.down_proj.weight": (vh, vi),
             p + "mlp.down_proj.bias": (vh,),
         })
     shapes.update({
@@ -248,7 +270,7 @@ def _weight_shapes(spec: TinySpec, vocab_size: int) -> dict[str, tuple]:
         "visual.merger.mlp.0.weight": (merged, merged), "visual.merger.mlp.0.bias": (merged,),
         "visual.merger.mlp.2.weight": (h, merged), "visual.merger.mlp.2.bias": (h,),
     })
-    for i in range(spec.num_hidden_layers):
+    for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes.update({
             p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
@@ -256,66 +278,78 @@ def _weight_shapes(spec: TinySpec, vocab_size: int) -> dict[str, tuple]:
             p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.k_proj.bias": (kv,),
             p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.v_proj.bias": (kv,),
             p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (spec.intermediate_size, h),
-            p + "mlp.up_proj.weight": (spec.intermediate_size, h),
-            p + "mlp.down_proj.weight": (h, spec.intermediate_size),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
         })
     shapes["model.embed_tokens.weight"] = (vocab_size, h)
     shapes["model.norm.weight"] = (h,)
-    if not spec.tie_word_embeddings:
+    if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab_size, h)
     return shapes
 
 
-def _random_weights(spec: TinySpec, vocab_size: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(spec.seed)
-    weights = {}
-    for name, shape in _weight_shapes(spec, vocab_size).items():
-        if "norm" in name or "ln_q" in name:
-            # Norm scales near 1, not exactly 1, so a test notices if one is ignored.
-            weights[name] = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            weights[name] = 0.02 * rng.standard_normal(shape, dtype=np.float32)
-    return weights
+def _random_tensor(name: str, shape: tuple, rng) -> np.ndarray:
+    if "norm" in name or "ln_q" in name:
+        # Norm scales near 1, not exactly 1, so a test notices if one is ignored.
+        return 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    return 0.02 * rng.standard_normal(shape, dtype=np.float32)
 
 
-def _save_shards(weights: dict[str, np.ndarray], out: Path, num_shards: int) -> None:
-    """Write bf16 safetensors shards and model.safetensors.index.json, as the hub repos do."""
-    import mlx.core as mx
+def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: _random_tensor(name, shape, rng) for name, shape in _weight_shapes(config).items()}
 
-    names = list(weights)
-    groups = [names[i::num_shards] for i in range(num_shards)]
-    groups = [sorted(g) for g in groups if g]
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 (round to nearest even, as MLX and torch do), as uint16."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def write_bf16_shards(out: Path, shards: list[list[tuple]], progress=None) -> None:
+    """Write bfloat16 safetensors shards and model.safetensors.index.json, as the hub repos
+    do. `shards` lists, per shard, (name, shape, make) with make() giving the float32 values.
+    One tensor is in memory at a time: the safetensors library's writers take a whole shard
+    at once, which for 7B is 4 GB of bfloat16 plus its float32 source."""
+    names = [[t[0] for t in shard] for shard in shards]
     weight_map, total = {}, 0
-    for i, group in enumerate(groups, start=1):
-        fname = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        arrays = {n: mx.array(weights[n]).astype(mx.bfloat16) for n in group}
-        mx.save_safetensors(str(out / fname), arrays, metadata={"format": "pt"})
-        for n in group:
-            weight_map[n] = fname
-            total += weights[n].size * 2
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, _ in shard:
+            size = 2 * math.prod(shape)
+            header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes
+        with open(out / fname, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little") + blob)
+            for name, shape, make in shard:
+                values = make()
+                if values.shape != tuple(shape):
+                    raise ValueError(f"{name}: made {values.shape}, expected {tuple(shape)}")
+                f.write(_bfloat16_bits(values).tobytes())
+        weight_map.update({n: fname for n in names[i - 1]})
+        total += offset
+        if progress:
+            progress(f"{fname}: {len(shard)} tensors, {offset / 1e9:.2f} GB")
     _write_json(out / "model.safetensors.index.json",
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+
+
+def _save_tiny_shards(weights: dict[str, np.ndarray], out: Path, num_shards: int) -> None:
+    names = list(weights)
+    groups = [sorted(names[i::num_shards]) for i in range(num_shards)]
+    write_bf16_shards(out, [[(n, weights[n].shape, lambda n=n: weights[n]) for n in g] for g in groups if g])
 
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_tiny_qwen(out: str | Path, spec: TinySpec | None = None) -> Path:
-    """Write the tiny checkpoint into `out` (created; must be empty or absent)."""
-    spec = spec or TinySpec()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out}: folder is not empty")
-    out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = build_tokenizer(spec)
-    ids = _tokenizer_files(tokenizer, out)
-    # Like the real repos, the embedding has more rows than the tokenizer has tokens.
-    vocab_size = 64 * math.ceil(tokenizer.get_vocab_size() / 64)
-    config = _model_config(spec, ids, vocab_size)
-    _write_json(out / "config.json", config)
+def _side_files(out: Path, ids: dict) -> None:
+    """generation_config.json and preprocessor_config.json as the Qwen2.5-VL repos have them."""
     _write_json(out / "generation_config.json", {
         "bos_token_id": ids["<|endoftext|>"], "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -327,6 +361,70 @@ def build_tiny_qwen(out: str | Path, spec: TinySpec | None = None) -> Path:
         "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
     })
-    _save_shards(_random_weights(spec, vocab_size), out, spec.num_shards)
+
+
+def _empty_folder(out: str | Path) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out}: folder is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_tiny_qwen(out: str | Path, spec: TinySpec | None = None) -> Path:
+    """Write the tiny checkpoint into `out` (created; must be empty or absent)."""
+    spec = spec or TinySpec()
+    out = _empty_folder(out)
+    tokenizer = build_tokenizer(spec)
+    ids = _tokenizer_files(tokenizer, out)
+    # Like the real repos, the embedding has more rows than the tokenizer has tokens.
+    vocab_size = 64 * math.ceil(tokenizer.get_vocab_size() / 64)
+    config = _model_config(spec, ids, vocab_size)
+    _write_json(out / "config.json", config)
+    _side_files(out, ids)
+    _save_tiny_shards(_random_weights(config, spec.seed), out, spec.num_shards)
     _write_json(out / "tiny_spec.json", asdict(spec))
     return out
+
+
+HUB_SHARD_BYTES = 4_000_000_000  # the hub repos' shards: 2 for 3B, 5 for 7B
+
+
+def build_checkpoint(out: str | Path, config: dict, seed: int = 0, shard_bytes: int = HUB_SHARD_BYTES,
+                     progress=None) -> Path:
+    """A checkpoint of any Qwen2.5-VL `config` (e.g. `models.real_config("7b")`, the real
+    3B/7B) in the hub's layout, random weights: the tokenizer at the real size with Qwen's
+    tokens at the config's ids, the config as given, bf16 shards of at most `shard_bytes` in
+    state-dict order, written one tensor at a time (7B's 16.6 GB never sit in memory)."""
+    out = _empty_folder(out)
+    tokenizer = build_tokenizer(TinySpec(), first_added_id=config["bos_token_id"])
+    ids = _tokenizer_files(tokenizer, out)
+    for field_name, token in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                              ("vision_start_token_id", "<|vision_start|>"), ("eos_token_id", "<|im_end|>")):
+        if config[field_name] != ids[token]:
+            raise ValueError(f"config {field_name} {config[field_name]} is not {token}'s id {ids[token]}")
+    if tokenizer.get_vocab_size() > config["vocab_size"]:
+        raise ValueError(f"vocab_size {config['vocab_size']} < the tokenizer's {tokenizer.get_vocab_size()}")
+    _write_json(out / "config.json", config)
+    _side_files(out, ids)
+
+    numbers = {name: i for i, name in enumerate(_weight_shapes(config))}
+    # A generator per tensor, seeded by its number: the values do not depend on the sharding.
+    write_bf16_shards(out, [[(name, shape, lambda n=name, s=shape: _random_tensor(
+        n, s, np.random.default_rng([seed, numbers[n]]))) for name, shape in shard]
+        for shard in hub_shards(config, shard_bytes)], progress)
+    return out
+
+
+def hub_shards(config: dict, shard_bytes: int = HUB_SHARD_BYTES) -> list[list[tuple]]:
+    """(name, shape) of every bf16 tensor, shard by shard: in state-dict order, a new shard
+    when the next tensor would pass `shard_bytes` (as transformers' save_pretrained does)."""
+    shards, size = [[]], 0
+    for name, shape in _weight_shapes(config).items():
+        nbytes = 2 * math.prod(shape)
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards

@@ -80,6 +80,16 @@ def test_offline_without_cache_fails_fast_with_instructions(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def _edit_json(path, edit):
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
 def _broken_copy(tiny_hf, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(tiny_hf, src)
@@ -93,6 +103,20 @@ def _broken_copy(tiny_hf, tmp_path):
      "model-00002-of-00003.safetensors: safetensors shard listed in model.safetensors.index.json is missing"),
     (lambda d: (d / "config.json").write_text(json.dumps({"model_type": "llama"})),
      "model_type is 'llama'"),
+    (lambda d: _edit_json(d / "model.safetensors.index.json",
+                          lambda i: i["weight_map"].update({"lm_head.weight": "model-00009-of-00009.safetensors"})),
+     "model-00009-of-00009.safetensors: safetensors shard listed in model.safetensors.index.json is missing"),
+    (lambda d: _edit_json(d / "model.safetensors.index.json",
+                          lambda i: i["weight_map"].update({"extra.weight": "model-00001-of-00003.safetensors"})),
+     "says extra.weight is in model-00001-of-00003.safetensors, which does not hold it"),
+    (lambda d: _truncate(d / "model-00003-of-00003.safetensors"), "incomplete weights model-00003-of-00003"),
+    (lambda d: (d / "model-00003-of-00003.safetensors").write_bytes(b""), "model-00003-of-00003.safetensors (not a"),
+    (lambda d: _edit_json(d / "config.json", lambda c: c.update(num_hidden_layers=3)),
+     "config.json and the weights disagree: num_hidden_layers is 3 but the weights have 2 decoder layers"),
+    (lambda d: _edit_json(d / "config.json", lambda c: c.update(intermediate_size=256)),
+     "intermediate_size is 256 but a gate_proj in the weights has 128 rows"),
+    (lambda d: _edit_json(d / "config.json", lambda c: c["vision_config"].update(depth=4)),
+     "vision_config.depth is 4 but the weights have 2 vision blocks"),
 ])
 def test_bad_source_gets_one_clear_line(tiny_hf, tmp_path, breakage, expected):
     src = _broken_copy(tiny_hf, tmp_path)

@@ -3,6 +3,8 @@
 import hashlib
 import json
 
+import mlx.core as mx
+import numpy as np
 from tokenizers import Tokenizer
 
 from mlx_cultvlm.tiny import QWEN_OTHER_ADDED_TOKENS, QWEN_SPECIAL_TOKENS, TinySpec, build_tiny_qwen
@@ -84,3 +86,91 @@ def test_chat_template_renders_qwen_format(tiny_hf):
     assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
                     "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Кто это?<|im_end|>\n"
                     "<|im_start|>assistant\nЧебурашка.<|im_end|>\n")
+
+
+def _cut_down(size="3b"):
+    """The real config of `size` with every width cut, vocabulary and token ids kept."""
+    from mlx_cultvlm.models import real_config
+
+    config = real_config(size)
+    config.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  num_hidden_layers=2)
+    config["rope_scaling"]["mrope_section"] = [2, 3, 3]
+    config["vision_config"].update(depth=2, hidden_size=64, num_heads=4, intermediate_size=128,
+                                   out_hidden_size=64, fullatt_block_indexes=[1])
+    return config
+
+
+def test_full_size_writer_has_the_hub_layout_on_a_cut_down_config(tmp_path):
+    from safetensors import safe_open
+
+    from mlx_cultvlm.tiny import build_checkpoint
+
+    config = _cut_down("7b")
+    out = build_checkpoint(tmp_path / "hf", config, shard_bytes=8_000_000)
+    assert json.loads((out / "config.json").read_text()) == config
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert tok.get_vocab_size() == 151665  # Qwen2.5's tokenizer: 151,643 + 22 added tokens
+    ids = [tok.token_to_id(t) for t in QWEN_SPECIAL_TOKENS + QWEN_OTHER_ADDED_TOKENS]
+    assert ids == list(range(151643, 151665))
+    assert tok.token_to_id("<|image_pad|>") == config["image_token_id"] == 151655
+    assert tok.decode(tok.encode("Это Чебурашка?").ids) == "Это Чебурашка?"
+
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert len(shards) > 1
+    seen, total = {}, 0
+    for shard in shards:
+        with safe_open(str(out / shard), framework="numpy") as f:
+            for key in f.keys():
+                seen[key] = shard
+                total += 2 * int(np.prod(f.get_slice(key).get_shape()))
+                assert f.get_slice(key).get_dtype() == "BF16"
+        values = mx.load(str(out / shard))
+        for key, array in values.items():
+            assert array.dtype == mx.bfloat16
+            mean, std = mx.mean(array.astype(mx.float32)).item(), mx.std(array.astype(mx.float32)).item()
+            if key.endswith("norm.weight") or key.endswith("ln_q.weight"):
+                assert 0.9 < mean < 1.1  # norm scales near 1
+            elif array.size > 1000:
+                assert abs(mean) < 0.002 and 0.018 < std < 0.022  # N(0, 0.02), as initializer_range
+    assert seen == index["weight_map"] and index["metadata"]["total_size"] == total
+    assert "lm_head.weight" in seen  # 7B unties its embeddings
+    assert seen["model.embed_tokens.weight"] != seen["visual.patch_embed.proj.weight"]
+
+
+def test_real_sizes_shard_like_the_hub():
+    from mlx_cultvlm.models import real_config
+    from mlx_cultvlm.plan import Arch
+    from mlx_cultvlm.tiny import hub_shards
+
+    for size, n_shards, params in (("3b", 2, 3_754_622_976), ("7b", 5, 8_292_166_656)):
+        config = real_config(size)
+        shards = hub_shards(config)
+        assert len(shards) == n_shards
+        assert sum(int(np.prod(shape)) for shard in shards for _, shape in shard) == params
+        assert Arch.from_config(config).params() == params
+        names = {name for shard in shards for name, _ in shard}
+        assert ("lm_head.weight" in names) == (size == "7b")
+
+
+def test_cut_down_checkpoint_converts_loads_and_answers(tmp_path):
+    """The real vocabulary and token ids through convert (4-bit), stock mlx_vlm.load and generate."""
+    import mlx_vlm
+    from click.testing import CliRunner
+
+    from mlx_cultvlm.cli import main
+    from mlx_cultvlm.tiny import build_checkpoint
+    from synthetic import draw
+
+    hf = build_checkpoint(tmp_path / "hf", _cut_down("3b"), shard_bytes=8_000_000)
+    out = tmp_path / "mlx"
+    result = CliRunner().invoke(main, ["convert", "--model", "3b-4bit", "--hf-path", str(hf), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model, processor = mlx_vlm.load(str(out))
+    assert model.language_model.model.embed_tokens.weight.shape[0] == 151936
+    image = tmp_path / "a.png"
+    draw("circle", (200, 40, 40), (250, 250, 250), np.random.default_rng(0)).save(image)
+    result = CliRunner().invoke(main, ["generate", str(image), "--model", str(out), "--max-tokens", "3"])
+    assert result.exit_code == 0, result.output
