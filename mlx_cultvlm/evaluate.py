@@ -199,8 +199,6 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
     the batch holds. On the CPU the pictures are shared out among the cores, one stream and
     batch each, run side by side: MLX runs a CPU stream on one core, and the rows of a batch
     are independent."""
-    import mlx.core as mx
-
     from .generate import answer_steps, run_side_by_side
 
     if not items:
@@ -209,7 +207,7 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
                 for path in dict.fromkeys([*(path for path, _ in references), *(item["image"] for item in items)])}
     shown = [(pictures[path], label) for path, label in references]
     distinct = list(dict.fromkeys(item["image"] for item in items))
-    workers = min(len(distinct), cpu_cores()) if mx.default_device() == mx.cpu else 1
+    workers = picture_workers(len(distinct))
     worker_of = {image: k % workers for k, image in enumerate(distinct)}
     groups = [[k for k, item in enumerate(items) if worker_of[item["image"]] == w] for w in range(workers)]
     jobs = [answer_steps(model, processor, [pictures[items[k]["image"]] for k in group],
@@ -220,6 +218,14 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
         for k, text in zip(group, group_texts):
             answers[k] = text.strip()
     return answers
+
+
+def picture_workers(n_pictures: int) -> int:
+    """Streams to share a batch's pictures among: one per core on the CPU; one on a GPU (Metal
+    or CUDA), which runs the whole batch at once."""
+    import mlx.core as mx
+
+    return max(1, min(n_pictures, cpu_cores())) if mx.default_device() == mx.cpu else 1
 
 
 @functools.cache

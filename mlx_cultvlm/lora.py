@@ -329,6 +329,13 @@ def batch_inputs(model, samples: list[Sample], encoder: SampleEncoder, cached: b
                        encoder.image_pad_id, bucket=pad)
 
 
+def wire_weights() -> None:
+    """On a Mac, keep the weights wired (never paged out), as mlx-lm does. Metal only: the CPU
+    and MLX's CUDA backend have no wired limit."""
+    if mx.metal.is_available():
+        mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+
+
 def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
     """f(StepInputs) -> ((loss_sum, n_targets), grads of loss_sum w.r.t. the adapters).
 
@@ -570,8 +577,7 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     # 1. model
     model_dir = resolve_model(cfg.model, cfg.models_dir)
     model, processor = load_model(str(model_dir))
-    if mx.metal.is_available():  # keep the weights wired on a Mac, as mlx-lm does
-        mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
+    wire_weights()
 
     # 2. data: every sample checked before the first step
     encoder = SampleEncoder(processor, cfg.min_pixels, cfg.max_pixels, cfg.max_seq_len)
