@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .errors import CultvlmError
-from .files import check_complete, model_folder, write_json
+from .files import check_complete, check_out_apart, check_replaceable, model_folder, output_lock, write_json
 from .models import PRESETS, TINY_SOURCE, check_model_folder, looks_like_repo_id, models_dir, tiny_hf_dir
 
 # Weights, configs and tokenizer files only: no code (*.py) and no pickles (*.bin, *.pt).
@@ -122,8 +122,6 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
         raise CultvlmError(f"--group-size must be one of {GROUP_SIZES}, got {group_size}")
 
     out = Path(out).expanduser() if out else default_output(model, bits, models_root)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise CultvlmError(f"{out}: already exists and is not empty; pass --force to replace it")
 
     source = hf_path or (preset.hf_repo if preset else model)
     if source == TINY_SOURCE:
@@ -136,6 +134,10 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
         src_dir = download(source, revision)
     else:
         raise CultvlmError(f"{source}: no such folder, and not a Hugging Face repo id")
+    check_out_apart(out, "convert", source=src_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise CultvlmError(f"{out}: already exists and is not empty; pass --force to replace it")
+    check_replaceable(out, "convert")
     config = check_model_folder(src_dir)
 
     if bits:
@@ -148,7 +150,7 @@ def convert(model: str, hf_path: str | None = None, out: str | Path | None = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     from mlx_vlm.convert import convert as mlx_vlm_convert
 
-    with model_folder(out, "conversion") as partial:
+    with output_lock(out, "convert"), model_folder(out, "conversion", "convert") as partial:
         mlx_vlm_convert(str(src_dir), str(partial), quantize=bits is not None, q_bits=bits or 4,
                         q_group_size=group_size, dtype=dtype, trust_remote_code=False)
         check_complete(partial)  # before reading the shards back below

@@ -40,8 +40,9 @@ from .data.catalog import LANGS, ORIGIN_KEYS, Entity, load_catalog
 from .data.check import read_training_record, trained_on
 from .data.questions import EVAL_QUESTIONS
 from .errors import CultvlmError
-from .files import NOT_UTF8, append_jsonl, printable, read_jsonl, utf8_name, write_json
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image
+from .files import (NOT_UTF8, append_jsonl, check_out_apart, output_lock, printable, read_jsonl, remove_own,
+                    utf8_name, write_json)
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, fit_to_budget, load_image
 from .models import resolve_model
 
 PROBE_KINDS = ("naming_ru", "naming_en")  # --images: the entity may be unknown
@@ -273,14 +274,14 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     with `drop_trained` left out and counted in run.json."""
     from tqdm import tqdm
 
-    from .generate import float32_language_model_on_cpu, load_model
+    from .generate import check_decoding, float32_language_model_on_cpu, load_model
     from .metrics import compute_metrics
     from .score import AnswerScorer
 
     let_cpu_streams_overlap()
     if (data is None) == (images is None):
         raise CultvlmError("give exactly one of --data DATASET (with --split) or --images DIR")
-    check_budget(min_pixels, max_pixels)
+    check_decoding(max_tokens=max_tokens, min_pixels=min_pixels, max_pixels=max_pixels, batch_size=batch_size)
     catalog = load_catalog(catalog_path)
     items = (items_from_dataset(Path(data), split, catalog) if data
              else items_from_folder(Path(images), catalog))
@@ -289,6 +290,8 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
             item["prompt"] = f"{item['prompt']} {prompt_suffix[item['kind']]}"
     out = Path(out)
     model_dir = resolve_model(model, models_root)
+    check_out_apart(out, "eval", ("adapter",), model=model_dir, adapter=adapter, data=data, images=images,
+                    baseline=baseline)
     items, left_out = leave_out_trained(items, [model_dir, *([Path(adapter)] if adapter else [])], drop_trained)
     weights = {"model": _weight_files(model_dir), "adapter": _weight_files(Path(adapter)) if adapter else None}
     run = {"model": model, "adapter": adapter, "weights": weights, "dataset": str(data or images),
@@ -297,35 +300,36 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
            "catalog": str(catalog_path), "max_pixels": max_pixels, "min_pixels": min_pixels,
            "max_tokens": max_tokens, "prompt_suffix": prompt_suffix or None, "references": references or None, "items": len(items),
            "items_sha256": hashlib.sha256("\n".join(sorted(i["item_id"] for i in items)).encode()).hexdigest()}
-    done = _previous_predictions(out, run, force)
-    write_json(out / "run.json", run | {"started_at": _now(), "finished_at": None})
+    with output_lock(out, "eval"):
+        done = _previous_predictions(out, run, force)
+        write_json(out / "run.json", run | {"started_at": _now(), "finished_at": None})
 
-    todo = [i for i in items if i["item_id"] not in done]
-    if todo:
-        model_obj, processor = load_model(model, adapter, models_root)
-        float32_language_model_on_cpu(model_obj)
-        scorer = AnswerScorer(catalog)
-        # Same-sized images batch together; sorting by size keeps batches uniform.
-        todo.sort(key=lambda i: (_image_size(i["image"], min_pixels, max_pixels), i["item_id"]))
-        bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not progress)
-        start = time.perf_counter()
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels,
-                                       references or ())
-            for item, answer in zip(batch, answers):
-                append_jsonl(out / "predictions.jsonl", score(item, answer, scorer))
-            bar.update(len(batch))
-            bar.set_postfix(items_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
-        bar.close()
+        todo = [i for i in items if i["item_id"] not in done]
+        if todo:
+            model_obj, processor = load_model(model, adapter, models_root)
+            float32_language_model_on_cpu(model_obj)
+            scorer = AnswerScorer(catalog)
+            # Same-sized images batch together; sorting by size keeps batches uniform.
+            todo.sort(key=lambda i: (_image_size(i["image"], min_pixels, max_pixels), i["item_id"]))
+            bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="item", disable=not progress)
+            start = time.perf_counter()
+            for b in range(0, len(todo), batch_size):
+                batch = todo[b:b + batch_size]
+                answers = generate_answers(model_obj, processor, batch, max_tokens, min_pixels, max_pixels,
+                                           references or ())
+                for item, answer in zip(batch, answers):
+                    append_jsonl(out / "predictions.jsonl", score(item, answer, scorer))
+                bar.update(len(batch))
+                bar.set_postfix(items_s=f"{(b + len(batch)) / (time.perf_counter() - start):.2f}")
+            bar.close()
 
-    graded = lambda records: [p for p in records if p["correct"] is not None]  # noqa: E731 (not eval --images' unknowns)
-    base = graded(read_jsonl(Path(baseline) / "predictions.jsonl")) if baseline else None
-    metrics = compute_metrics(graded(read_jsonl(out / "predictions.jsonl")), base)
-    write_json(out / "metrics.json", metrics)
-    started = json.loads((out / "run.json").read_text(encoding="utf-8"))["started_at"]
-    write_json(out / "run.json", run | {"started_at": started, "finished_at": _now()})
-    return metrics
+        graded = lambda records: [p for p in records if p["correct"] is not None]  # noqa: E731 (not eval --images' unknowns)
+        base = graded(read_jsonl(Path(baseline) / "predictions.jsonl")) if baseline else None
+        metrics = compute_metrics(graded(read_jsonl(out / "predictions.jsonl")), base)
+        write_json(out / "metrics.json", metrics)
+        started = json.loads((out / "run.json").read_text(encoding="utf-8"))["started_at"]
+        write_json(out / "run.json", run | {"started_at": started, "finished_at": _now()})
+        return metrics
 
 
 def leave_out_trained(items: list[dict], folders: list[Path], drop: bool) -> tuple[list[dict], int]:
@@ -356,10 +360,11 @@ def _weight_files(folder: Path) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
 
 
+OWN_FILES = ("run.json", "predictions.jsonl", "metrics.json", "*.json.tmp")  # all that --force may delete
+
+
 def _previous_predictions(out: Path, run: dict, force: bool) -> set[str]:
     """Item ids already answered by an interrupted run with the same settings."""
-    import shutil
-
     run_file = out / "run.json"
     if not run_file.is_file():
         out.mkdir(parents=True, exist_ok=True)
@@ -370,8 +375,7 @@ def _previous_predictions(out: Path, run: dict, force: bool) -> set[str]:
         raise CultvlmError(f"{out}: holds a run with other settings ({', '.join(changed)}); "
                            "use another --out or --force to start over")
     if changed:
-        shutil.rmtree(out)
-        out.mkdir(parents=True)
+        remove_own(out, "eval", OWN_FILES)
         return set()
     return {p["item_id"] for p in read_jsonl(out / "predictions.jsonl")}
 

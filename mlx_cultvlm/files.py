@@ -8,6 +8,7 @@ import os
 import shutil
 import struct
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 
 import click
@@ -57,9 +58,115 @@ def incomplete_safetensors(folder: Path) -> list[str]:
     return short
 
 
-def replace_folder(new: Path, target: Path) -> None:
+# A command deletes only what it wrote. A folder it builds whole (a model, a dataset, a report)
+# records its entries in OWNED; a folder it fills with fixed names (lora, eval) names them in
+# the command's `own` patterns. Anything else in the folder is the user's, and is never deleted.
+OWNED = ".cultvlm-owned.json"
+
+
+def foreign_entries(folder: Path, own: tuple[str, ...] = ()) -> list[str]:
+    """The entries of `folder` that cultvlm did not write there: not in its OWNED record and
+    matching none of `own`."""
+    if not folder.is_dir():
+        return []
+    try:
+        recorded = set(json.loads((folder / OWNED).read_text(encoding="utf-8"))["entries"])
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = set()
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name != OWNED and p.name not in recorded and not any(fnmatch(p.name, o) for o in own))
+
+
+def check_replaceable(folder: Path, command: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse, before any work, to replace a folder holding files `command` did not write."""
+    foreign = foreign_entries(Path(folder), own)
+    if foreign:
+        shown = ", ".join(printable(n) for n in foreign[:3]) + (f" and {len(foreign) - 3} more"
+                                                                 if len(foreign) > 3 else "")
+        raise CultvlmError(f"{folder}: holds {shown}, which `cultvlm {command}` did not write, and it deletes "
+                           "only its own files: move them away or choose another --out")
+
+
+def remove_own(folder: Path, command: str, own: tuple[str, ...]) -> None:
+    """--force for a command that writes fixed names: delete those, refuse if anything else is there."""
+    check_replaceable(folder, command, own)
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def check_out_apart(out, command: str, may_hold: tuple[str, ...] = (), **inputs) -> None:
+    """Refuse an --out that is, holds or is inside one of the command's inputs (by name, as the
+    option is called): writing there would mix outputs into an input, or replace it. `may_hold`:
+    inputs the folder may contain (eval's run folder holding the adapter it evaluates, as an
+    experiment lays runs out: eval writes and deletes only its own file names)."""
+    where = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None or not str(path):
+            continue
+        given = Path(path).resolve()
+        if where == given or given in where.parents or (where in given.parents and name not in may_hold):
+            relation = "is" if where == given else "is inside" if given in where.parents else "holds"
+            raise CultvlmError(f"--out {out}: {relation} the {name.replace('_', ' ')} {path} of `cultvlm {command}`; "
+                               "choose an --out apart from its inputs")
+
+
+@contextmanager
+def output_lock(out, command: str):
+    """One writer per output: a lock file beside `out` (`.NAME.lock`, so that --force and the
+    folder swaps never touch it) holding the writer's pid, removed when the block ends. A lock
+    whose process is gone (killed) is taken over; a live one refuses the second writer."""
+    out = Path(out)
+    lock = out.parent / f".{out.name}.lock"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mine = json.dumps({"pid": os.getpid(), "command": command})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+                pid = int(holder["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid = {}, None  # half-written by a writer killed at that moment
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                raise CultvlmError(f"{out}: in use by `cultvlm {holder.get('command', '?')}` (pid {pid}); wait "
+                                   f"for it to finish, or stop it (if no such process runs, delete {lock})") from None
+            lock.unlink(missing_ok=True)  # stale: its writer is gone
+            continue
+        os.write(fd, mine.encode())
+        os.close(fd)
+        break
+    else:
+        raise CultvlmError(f"{lock}: could not take the lock (another writer keeps taking it)")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    try:  # Linux: a killed process nobody has reaped yet (a zombie) still answers kill(pid, 0)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def replace_folder(new: Path, target: Path, command: str | None = None, own: tuple[str, ...] = ()) -> None:
     """Swap the finished folder `new` in at `target` by renames; a reader sees the old or the
-    new folder, never a mix."""
+    new folder, never a mix. With `command`: refused if `target` holds what it did not write
+    (see check_replaceable), and `new` records its entries as the command's."""
+    if command:
+        check_replaceable(target, command, own)
+        write_json(new / OWNED, {"command": command, "entries": sorted(p.name for p in new.iterdir())})
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if target.exists():
@@ -76,7 +183,7 @@ def check_complete(folder: Path) -> None:
 
 
 @contextmanager
-def model_folder(target: Path, verb: str):
+def model_folder(target: Path, verb: str, command: str):
     """Build a model folder in a hidden `.NAME.partial` sibling (yielded, not yet created) and
     rename it into place when the block ends. A write error (disk full, quota, read-only) --
     including the short safetensors files MLX leaves without reporting one -- removes the
@@ -93,7 +200,7 @@ def model_folder(target: Path, verb: str):
         kept = "the existing folder is unchanged" if target.exists() else "nothing was written"
         raise CultvlmError(f"{target}: {verb} failed: {e.strerror or e}"
                            + (f" ({e.filename})" if e.filename else "") + f"; {kept}") from None
-    replace_folder(partial, target)
+    replace_folder(partial, target, command)
 
 
 def partial_folder(target: Path) -> Path:

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .data.check import TRAINED_ON
 from .errors import CultvlmError
-from .files import model_folder, write_json
+from .files import check_out_apart, check_replaceable, model_folder, output_lock, write_json
 
 # Tokenizer, chat template and processor files to carry over from the base folder.
 SIDE_FILES = ("*.json", "*.txt", "*.jinja")
@@ -35,9 +35,11 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
     from .models import resolve_model
 
     out = Path(out)
+    base_dir = resolve_model(model, models_root)
+    check_out_apart(out, "fuse", model=base_dir, adapter=adapter)
     if out.exists() and any(out.iterdir()) and not force:
         raise CultvlmError(f"{out}: already exists and is not empty; pass --force to replace it")
-    base_dir = resolve_model(model, models_root)
+    check_replaceable(out, "fuse")
     model_obj, _ = load_model(str(base_dir), adapter, models_root)
 
     # One layer at a time, each merged layer evaluated and put in place before the next, so that
@@ -57,7 +59,7 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
         config.pop("quantization_config", None)
         config["torch_dtype"] = "float16"
 
-    with model_folder(out, "fusing") as partial:
+    with output_lock(out, "fuse"), model_folder(out, "fusing", "fuse") as partial:
         partial.mkdir(parents=True)
         save_weights(partial, model_obj, donate_weights=True)
         for pattern in SIDE_FILES:

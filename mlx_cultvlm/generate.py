@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
+from .errors import CultvlmError
 from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image,
                      num_image_tokens)
 from .models import check_model_folder, resolve_model
+from .settings import Count, NonNegative, NonNegativeCount, checked, settings_class
 
 DEFAULT_PROMPT = "Кто изображён на картинке?"
+# Qwen's control tokens (<|image_pad|>, <|im_end|>, ...): the chat template places them; in a
+# question they would be read as control, not text.
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+@settings_class
+class Decoding:
+    """How answers are generated, by `generate` and `eval` alike: checked before a model loads."""
+    max_tokens: Count = 128
+    temperature: NonNegative = 0.0
+    min_pixels: Count = DEFAULT_MIN_PIXELS
+    max_pixels: Count = DEFAULT_MAX_PIXELS
+    batch_size: Count = 1
+    seed: NonNegativeCount = 0
+
+
+def check_decoding(question: str | None = None, **values) -> Decoding:
+    """The settings, checked (type, range, finite, the pixel budget), and the question's text."""
+    decoding = checked(Decoding, values)
+    check_budget(decoding.min_pixels, decoding.max_pixels)
+    found = CONTROL_TOKEN.search(question or "")
+    if found:
+        raise CultvlmError(f"--prompt holds {found.group()}, one of Qwen's control tokens, which the chat "
+                           "template places itself: remove it from the question")
+    return decoding
 
 
 def load_model(model: str, adapter: str | None = None, models_root: str | None = None):
@@ -256,7 +284,8 @@ def generate(images: list[str], model: str, adapter: str | None, question: str, 
     import click
     import mlx.core as mx
 
-    check_budget(min_pixels, max_pixels)
+    check_decoding(question, max_tokens=max_tokens, temperature=temperature, min_pixels=min_pixels,
+                   max_pixels=max_pixels, seed=seed)
     for path in images:  # fail before loading the model if any image is bad
         load_image(path)
     mx.random.seed(seed)

@@ -13,24 +13,29 @@ position is most of a 3B step's time), the image features are merged without hos
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from pydantic import Field
 
 from .data.check import TRAINED_ON, read_training_record, training_record
+from . import settings
 from .errors import CultvlmError
-from .files import write_json
+from .files import check_out_apart, incomplete_safetensors, output_lock, remove_own, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
 from .plan import GB  # binary, as the memory plan counts: Apple's "24 GB" is 24 GiB
+from .settings import Count, Fraction, Names, NonNegative, NonNegativeCount, Positive, settings_class
 from .samples import MIX_KINDS, Batch, Sample, SampleEncoder, load_split, make_batch, preprocess
 
 TEXT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,43 +44,44 @@ VISION_LINEARS = {"merger": ["merger.mlp.0", "merger.mlp.2"],
                           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
 
 
-@dataclass
+@settings_class
 class LoraConfig:
+    """Every field is checked (type, range, finite) when the config is made: settings.checked."""
     model: str = "7b-4bit"
     data: str = ""
     out: str = "adapters/run"
     models_dir: str | None = None
     # data
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    min_pixels: int = DEFAULT_MIN_PIXELS
-    max_seq_len: int = 1024
+    max_pixels: Count = DEFAULT_MAX_PIXELS
+    min_pixels: Count = DEFAULT_MIN_PIXELS
+    max_seq_len: Count = 1024
     skip_bad_samples: bool = False
-    mix: list | None = None  # train and validate on these meta.kind values only (naming, replay, ...)
+    mix: Names | None = None  # train and validate on these meta.kind values only (naming, replay, ...)
     # adapters
-    rank: int = 16
-    alpha: float = 32.0  # scale = alpha / rank
-    dropout: float = 0.05
-    targets: list = field(default_factory=lambda: list(TEXT_LINEARS))  # + "lm_head" if untied
-    vision: str = "none"  # none | merger | all: also put LoRA on the vision side
+    rank: Count = 16
+    alpha: Positive = 32.0  # scale = alpha / rank
+    dropout: Fraction = 0.05
+    targets: Names = field(default_factory=lambda: list(TEXT_LINEARS))  # + "lm_head" if untied
+    vision: Literal["none", "merger", "all"] = "none"  # also put LoRA on the vision side
     # optimisation
-    steps: int = 200  # optimizer updates
-    batch_size: int = 1
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * this
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    steps: Count = 200  # optimizer updates
+    batch_size: Count = 1
+    grad_accum: Count = 1
+    learning_rate: Positive = 1e-4
+    warmup_steps: NonNegativeCount = 10
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine decays to learning_rate * this
+    weight_decay: NonNegative = 0.0
+    max_grad_norm: NonNegative = 1.0  # 0: no clipping
     grad_checkpoint: bool = False
     # Frozen vision tower: compute each image's features once and reuse them (False recomputes
     # them every step, to check that both give the same loss).
     feature_cache: bool = True
     compile: bool = False  # same loss, no speed-up measured on the CPU backend (docs/TRAINING.md)
     distributed: bool = False  # data-parallel over the ranks `mlx.launch` starts (docs/TRAINING.md)
-    seed: int = 0
+    seed: NonNegativeCount = 0
     # bookkeeping
-    val_every: int = 50
-    save_every: int = 50
+    val_every: Count = 50
+    save_every: Count = 50
 
 
 # Fields a resumed run may change without changing what it computes.
@@ -90,38 +96,16 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
 
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise CultvlmError(f"{yaml_path}: cannot read config ({e})") from None
         if not isinstance(loaded, dict):
             raise CultvlmError(f"{yaml_path}: expected a mapping of option: value")
         values.update(loaded)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in fields(LoraConfig)}
-    unknown = sorted(set(values) - known)
+    cfg = settings.checked(LoraConfig, values, yaml_path)
+    unknown = sorted(set(cfg.mix or []) - set(MIX_KINDS))
     if unknown:
-        raise CultvlmError(f"{yaml_path or 'options'}: unknown field(s) {', '.join(unknown)}")
-    defaults = LoraConfig()
-    for name, value in values.items():
-        # YAML 1.1 reads 1e-4 (no dot) as a string: take numbers written that way too.
-        kind = type(getattr(defaults, name))
-        if kind in (int, float) and isinstance(value, str):
-            try:
-                values[name] = kind(float(value)) if kind is float else int(value)
-            except ValueError:
-                raise CultvlmError(f"{yaml_path or 'options'}: {name} must be a number, got {value!r}") from None
-    cfg = LoraConfig(**values)
-    if cfg.rank <= 0:
-        raise CultvlmError(f"rank must be a positive integer, got {cfg.rank}")
-    if not 0 <= cfg.dropout < 1:
-        raise CultvlmError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.vision not in ("none", "merger", "all"):
-        raise CultvlmError(f"vision must be none, merger or all, got {cfg.vision!r}")
-    for name in ("steps", "batch_size", "grad_accum", "val_every", "save_every", "max_seq_len"):
-        if getattr(cfg, name) <= 0:
-            raise CultvlmError(f"{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.mix is not None and (not isinstance(cfg.mix, list) or not cfg.mix
-                                or not all(isinstance(k, str) for k in cfg.mix)):
-        raise CultvlmError(f"mix must be a list of line kinds ({', '.join(MIX_KINDS)}), got {cfg.mix!r}")
+        raise CultvlmError(f"{yaml_path + ': ' if yaml_path else ''}mix must list line kinds ({', '.join(MIX_KINDS)}), got {', '.join(unknown)}")
     if not cfg.data:
         raise CultvlmError("--data is required: a folder with train.jsonl and valid.jsonl")
     check_budget(cfg.min_pixels, cfg.max_pixels)
@@ -193,6 +177,23 @@ def adapter_config(cfg: LoraConfig, keys: list[str], base: dict) -> dict:
     }
 
 
+def read_adapter_weights(path: Path) -> dict:
+    """An adapter's arrays, or one line saying the file is damaged or holds NaN/inf."""
+    damaged = [d for d in incomplete_safetensors(path.parent) if d.startswith(path.name + " ")]
+    try:
+        weights = {} if damaged else mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as e:
+        damaged = [f"{path.name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+    if damaged or not weights:
+        raise CultvlmError(f"{path}: damaged: {damaged[0] if damaged else 'it holds no tensors'}; copy it "
+                           "again, or train again (--resume continues from the last checkpoint)")
+    not_finite = [k for k, v in weights.items() if not mx.all(mx.isfinite(v)).item()]
+    if not_finite:
+        raise CultvlmError(f"{path}: {len(not_finite)} tensor(s) hold NaN or infinite values ({not_finite[0]}, "
+                           "...): a run that diverged; train again with a lower learning_rate")
+    return weights
+
+
 def load_adapter(model, model_dir: Path, adapter_dir: str | Path) -> dict:
     """Attach and load a saved adapter, checking base model, names and shapes strictly."""
     adapter_dir = Path(adapter_dir)
@@ -220,7 +221,7 @@ def load_adapter(model, model_dir: Path, adapter_dir: str | Path) -> dict:
     if missing:
         raise CultvlmError(f"{adapter_dir}: adapter targets layers this model lacks: {missing[:3]}")
     attach_lora(model, keys, rank, scale, dropout)
-    weights = mx.load(str(weights_path))
+    weights = read_adapter_weights(weights_path)
     expected = dict(tree_flatten(model.trainable_parameters()))
     problems = [f"missing {k}" for k in expected if k not in weights]
     problems += [f"unexpected {k}" for k in weights if k not in expected]
@@ -532,6 +533,12 @@ def load_checkpoint(folder: Path, model, optimizer, cfg: LoraConfig) -> dict:
 
 # ---------------------------------------------------------------- the run
 
+# Every name a run writes in its --out: all that --force may delete.
+OWN_FILES = ("checkpoint", ".checkpoint.*", "train_log.jsonl", ".train_log.jsonl.tmp", "adapters.safetensors",
+             ".adapters.partial.safetensors", "adapter_config.json", "adapter_config.json.tmp", "config.yaml",
+             "loss_curve.png", "profile.json*", TRAINED_ON, TRAINED_ON + ".tmp")
+
+
 def prepare_output(out: Path, resume: bool, force: bool) -> None:
     old_checkpoint = out / ".checkpoint.old"
     if resume and not (out / "checkpoint").exists() and (old_checkpoint / "state.json").is_file():
@@ -544,8 +551,8 @@ def prepare_output(out: Path, resume: bool, force: bool) -> None:
                            "to continue it or --force to start over")
     if resume and not (out / "checkpoint" / "state.json").is_file():
         raise CultvlmError(f"{out / 'checkpoint'}: no checkpoint to resume from")
-    if force and not resume and out.exists():
-        shutil.rmtree(out)
+    if force and not resume:
+        remove_own(out, "lora", OWN_FILES)
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -571,41 +578,43 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     world = mx.distributed.init(strict=True) if cfg.distributed else None
     lead = world is None or world.rank() == 0
     say = print if lead else (lambda *args, **kwargs: None)
-    if lead:
-        prepare_output(out, resume, force)
-
-    # 1. model
     model_dir = resolve_model(cfg.model, cfg.models_dir)
-    model, processor = load_model(str(model_dir))
-    wire_weights()
+    check_out_apart(out, "lora", data=data, model=model_dir)
+    with output_lock(out, "lora") if lead else nullcontext():  # rank 0 writes for all
+        if lead:
+            prepare_output(out, resume, force)
 
-    # 2. data: every sample checked before the first step
-    encoder = SampleEncoder(processor, cfg.min_pixels, cfg.max_pixels, cfg.max_seq_len)
-    train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
-    valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
-    for problem in bad_train + bad_valid:
-        say(f"skipped: {problem}")
-    shrunk = sum(s.shrunk for s in train_set + valid_set)
-    say(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
-          + (f", {len(bad_train) + len(bad_valid)} skipped" if bad_train or bad_valid else "")
-          + (f", {shrunk} given fewer pixels to fit max_seq_len {cfg.max_seq_len}" if shrunk else ""))
+        # 1. model
+        model, processor = load_model(str(model_dir))
+        wire_weights()
 
-    # 3. adapters
-    mx.random.seed(cfg.seed)
-    keys = resolve_targets(model, cfg)
-    attach_lora(model, keys, cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
-    layer_class = type(model.language_model.model.layers[0])
-    plain_call = layer_class.__call__
-    if cfg.grad_checkpoint:
-        from mlx_lm.tuner.trainer import grad_checkpoint
+        # 2. data: every sample checked before the first step
+        encoder = SampleEncoder(processor, cfg.min_pixels, cfg.max_pixels, cfg.max_seq_len)
+        train_set, bad_train = load_split(data / "train.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
+        valid_set, bad_valid = load_split(data / "valid.jsonl", encoder, cfg.skip_bad_samples, cfg.mix)
+        for problem in bad_train + bad_valid:
+            say(f"skipped: {problem}")
+        shrunk = sum(s.shrunk for s in train_set + valid_set)
+        say(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
+              + (f", {len(bad_train) + len(bad_valid)} skipped" if bad_train or bad_valid else "")
+              + (f", {shrunk} given fewer pixels to fit max_seq_len {cfg.max_seq_len}" if shrunk else ""))
 
-        grad_checkpoint(model.language_model.model.layers[0])  # patches the decoder-layer class
-    try:
-        return _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
-                           model_dir, resume, stop_after, progress and lead, world, say,
-                           StageTimer() if profile else None)
-    finally:
-        layer_class.__call__ = plain_call  # undo the patch: later models in this process run plainly
+        # 3. adapters
+        mx.random.seed(cfg.seed)
+        keys = resolve_targets(model, cfg)
+        attach_lora(model, keys, cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
+        layer_class = type(model.language_model.model.layers[0])
+        plain_call = layer_class.__call__
+        if cfg.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.language_model.model.layers[0])  # patches the decoder-layer class
+        try:
+            return _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
+                               model_dir, resume, stop_after, progress and lead, world, say,
+                               StageTimer() if profile else None)
+        finally:
+            layer_class.__call__ = plain_call  # undo the patch: later models in this process run plainly
 
 
 def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys, model_dir,
@@ -686,6 +695,7 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         # The mean over every target token of the accumulated batches, not a mean of means.
         grads = tree_map(lambda g: g / n_targets, grads_sum)
         grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+        stop_if_not_finite(loss_sum / n_targets, grad_norm.item(), step + 1, out, cfg, bar)
         with timer.stage("optimizer") if timer else nullcontext():
             optimizer.update(model, grads)
             mx.eval(model.trainable_parameters(), optimizer.state, grad_norm)
@@ -728,6 +738,20 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
         say(f"adapters written to {out}")
     return TrainResult(out, model, processor, encoder)
+
+
+def stop_if_not_finite(loss: float, grad_norm: float, step: int, out: Path, cfg: LoraConfig, bar) -> None:
+    """Before the update that would spread it into the weights: a NaN or infinite loss or
+    gradient norm ends the run, keeping the last checkpoint and writing no adapters."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    bar.close()
+    state = out / "checkpoint" / "state.json"
+    kept = (f"the last good checkpoint (step {json.loads(state.read_text())['step']}) is kept in "
+            f"{state.parent}" if state.is_file() else "no checkpoint was saved yet")
+    raise CultvlmError(f"step {step}: loss {loss}, gradient norm {grad_norm}: training stopped before the "
+                       f"update, no adapters written; {kept}. Try a lower learning_rate (now "
+                       f"{cfg.learning_rate:g}) or more warmup_steps (now {cfg.warmup_steps})")
 
 
 def _from_rank0(tree, lead: bool):

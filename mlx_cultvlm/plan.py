@@ -35,6 +35,9 @@ the language model forward + backward, then clipping and the AdamW update):
   head's (`HEAD_LOGITS` float32 copies of target rows x vocab, `HEAD_LORA_LOGITS` more with
   LoRA on lm_head: the loss is computed only at assistant tokens, padded to 32 rows). Plus the
   image features (image tokens x hidden) and the pixel input.
+- the vision-feature cache (resident through the run): each training image's tower output,
+  image tokens x hidden in the float dtype (`cached_images`; 256 x 3584 x 2 bytes = 1.75 MiB
+  for a 448-px image on 7B, 8.7 GiB for 5,000 of them).
 - update: the gradients and what clipping and AdamW create from them, `UPDATE_COPIES` x the LoRA
   parameter bytes (+ `FRESH_MOMENTS` when a fresh optimizer creates its moments), plus the
   pixel input the loop still holds.
@@ -209,6 +212,7 @@ class Step:
     grad_checkpoint: bool = False
     fresh_optimizer: bool = False  # one step with a new AdamW (bench_memory.py), not the loop
     answer_tokens: int = 128  # inference: tokens generated after the prompt
+    cached_images: int = 0  # training: images whose vision features the loop keeps (lora.FeatureCache)
 
     @property
     def seq(self) -> int:
@@ -321,8 +325,15 @@ def predict_training(arch: Arch, step: Step) -> Breakdown:
     text, parts = text_bytes(arch, step)
     pixels = step.batch * image_patches(step.image_tokens) * PIXEL_VALUES * 4  # the step's inputs, still held
     update = int(4 * n * (UPDATE_COPIES + (FRESH_MOMENTS if step.fresh_optimizer else 0)) + pixels)
-    total = weights + lora + max(vision, text, update) + FIXED
-    return Breakdown(weights, lora, vision, text, update, total, parts | {"lora_params": n})
+    cache = feature_cache_bytes(arch, step)
+    total = weights + lora + cache + max(vision, text, update) + FIXED
+    return Breakdown(weights, lora, vision, text, update, total, parts | {"lora_params": n, "feature_cache": cache})
+
+
+def feature_cache_bytes(arch: Arch, step: Step) -> int:
+    """The frozen tower's output kept for every training image (image tokens x the language
+    model's width, in the float dtype): with thousands of images, as much as the weights."""
+    return step.cached_images * step.image_tokens * arch.v_out * step.float_bytes
 
 
 def predict_inference(arch: Arch, step: Step) -> Breakdown:
@@ -413,7 +424,7 @@ MAX_BATCH = 64
 
 def recommend(memory_gb: float, models=PLAN_MODELS, rank: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
               batch: int = 1, grad_checkpoint: bool | None = None, text_tokens: int = 64,
-              usable: float = USABLE) -> Choice | None:
+              usable: float = USABLE, images: int = 0) -> Choice | None:
     """What to train with `memory_gb`, in this order of priority:
 
     1. model: the first (largest) of `models` that trains on the requested pixel budget at
@@ -432,7 +443,7 @@ def recommend(memory_gb: float, models=PLAN_MODELS, rank: int = 16, max_pixels: 
     def ok(name, pixels, b, ckpt):
         arch, bits = archs[name]
         step = Step(bits=bits, rank=rank, batch=b, image_tokens=tokens_for_pixels(pixels),
-                    text_tokens=text_tokens, grad_checkpoint=ckpt)
+                    text_tokens=text_tokens, grad_checkpoint=ckpt, cached_images=images)
         return fits(predict_training(arch, step).total, budget)
 
     def trains(name, pixels, b=1):
@@ -448,7 +459,7 @@ def recommend(memory_gb: float, models=PLAN_MODELS, rank: int = 16, max_pixels: 
     ckpt = next(c for c in ckpts if ok(name, pixels, b, c))
     arch, bits = archs[name]
     peak = predict_training(arch, Step(bits=bits, rank=rank, batch=b, image_tokens=tokens_for_pixels(pixels),
-                                       text_tokens=text_tokens, grad_checkpoint=ckpt)).total
+                                       text_tokens=text_tokens, grad_checkpoint=ckpt, cached_images=images)).total
     more_pixels = max([pixels] + [p for p in pixel_budgets(QWEN_MAX_PIXELS) if ok(name, p, b, ckpt)])
     more_batch = max(n for n in range(1, MAX_BATCH + 1) if n <= b or ok(name, pixels, n, ckpt))
     return Choice(name, pixels, b, ckpt, peak, more_pixels, more_batch)
@@ -464,25 +475,28 @@ def _shape(pixels: int) -> str:
 
 
 def plan_table(models, memory_gb: float, rank: int, max_pixels: int, batch: int, text_tokens: int,
-               usable: float) -> list[str]:
+               usable: float, images: int = 0) -> list[str]:
     budget = memory_gb * GB * usable
     tokens = tokens_for_pixels(max_pixels)
     lines = [f"memory {memory_gb:g} GB, of which Metal may use {budget / GB:.1f} GB (assumed {usable:.0%}); "
              f"a configuration fits if its predicted peak + {MARGIN:.0%} stays within that",
              f"LoRA rank {rank} on the 7 decoder linears; batch {batch}; one image per sample of up to "
-             f"{max_pixels} pixels ({tokens} image tokens) + {text_tokens} text tokens; bf16; peaks in GB (2^30 bytes)",
+             f"{max_pixels} pixels ({tokens} image tokens) + {text_tokens} text tokens (the longest sample sets a "
+             f"step: --text-tokens); the vision features of {images} training images kept (--images); bf16; "
+             "peaks in GB (2^30 bytes)",
              "",
-             f"{'model':<9} {'weights':>8} {'train':>8} {'train+ckpt':>11} {'inference':>10}   "
+             f"{'model':<9} {'weights':>8} {'features':>8} {'train':>8} {'train+ckpt':>11} {'inference':>10}   "
              "fits: train / +ckpt / infer"]
     for name in models:
         arch, bits = preset_arch(name)
-        step = Step(bits=bits, rank=rank, batch=batch, image_tokens=tokens, text_tokens=text_tokens)
+        step = Step(bits=bits, rank=rank, batch=batch, image_tokens=tokens, text_tokens=text_tokens,
+                    cached_images=images)
         plain = predict_training(arch, step)
         ckpt = predict_training(arch, replace(step, grad_checkpoint=True))
         infer = predict_inference(arch, step)
         marks = " / ".join("yes" if fits(p.total, budget) else "no" for p in (plain, ckpt, infer))
-        lines.append(f"{name:<9} {_gb(plain.weights):>8} {_gb(plain.total):>8} {_gb(ckpt.total):>11} "
-                     f"{_gb(infer.total):>10}   {marks}")
+        lines.append(f"{name:<9} {_gb(plain.weights):>8} {_gb(plain.parts['feature_cache']):>8} "
+                     f"{_gb(plain.total):>8} {_gb(ckpt.total):>11} {_gb(infer.total):>10}   {marks}")
     return lines
 
 
@@ -516,9 +530,11 @@ def recommendation_line(choice: Choice | None, models, memory_gb: float, usable:
 @click.option("--grad-checkpoint", is_flag=True, help="recommend only configurations with gradient checkpointing")
 @click.option("--text-tokens", type=int, default=64, show_default=True,
               help="text tokens per sample (prompt, answer, chat markup)")
+@click.option("--images", type=int, default=1000, show_default=True,
+              help="training images: lora keeps each one's vision features in memory (the feature cache)")
 @click.option("--usable", type=float, default=USABLE, show_default="2/3",
               help="share of the memory the GPU may use (macOS default: about 2/3 to 3/4)")
-def plan_command(memory, model, rank, max_pixels, batch, grad_checkpoint, text_tokens, usable):
+def plan_command(memory, model, rank, max_pixels, batch, grad_checkpoint, text_tokens, images, usable):
     """Predict the memory of LoRA training and inference per model; recommend what fits."""
     if not memory > 0:
         raise CultvlmError(f"--memory must be a positive number of GB, got {memory:g}")
@@ -527,13 +543,15 @@ def plan_command(memory, model, rank, max_pixels, batch, grad_checkpoint, text_t
     for name, value in (("--rank", rank), ("--batch", batch), ("--text-tokens", text_tokens)):
         if value <= 0:
             raise CultvlmError(f"{name} must be positive, got {value}")
+    if images < 0:
+        raise CultvlmError(f"--images must be 0 or more, got {images}")
     if not FACTOR * FACTOR <= max_pixels <= QWEN_MAX_PIXELS:
         raise CultvlmError(f"--max-pixels must be in [{FACTOR * FACTOR}, {QWEN_MAX_PIXELS}], got {max_pixels}")
     models = PLAN_MODELS if model is None else (model,)
     for name in models:
         preset_arch(name)  # an unknown model fails before any output
-    for line in plan_table(models, memory, rank, max_pixels, batch, text_tokens, usable):
+    for line in plan_table(models, memory, rank, max_pixels, batch, text_tokens, usable, images):
         click.echo(line)
     choice = recommend(memory, models, rank, max_pixels, batch, True if grad_checkpoint else None,
-                       text_tokens, usable)
+                       text_tokens, usable, images)
     click.echo(recommendation_line(choice, models, memory, usable, max_pixels, batch))

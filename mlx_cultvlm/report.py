@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 
 from .data.catalog import load_catalog
 from .errors import CultvlmError
-from .files import partial_folder, read_jsonl, replace_folder, write_json
+from .files import check_out_apart, check_replaceable, partial_folder, read_jsonl, replace_folder, write_json
 from .metrics import KINDS, NEGATIVE_SETTINGS, NONE, ROLES, compute_metrics, paired, unique_items
 
 ALPHA = 0.05
@@ -613,6 +613,9 @@ def analysis(runs: list[dict], vs_first: list[dict], entities: list[str], roles:
     return blocks
 
 
+OWN_FILES = ("report.md", "report.html", "metrics.json", "*.png", "gallery")  # what a report holds
+
+
 def compare(run_dirs: list[str], out: str, catalog_path: str | None = None, also_dirs: list[str] = ()) -> Path:
     runs = [load_run(Path(d)) for d in run_dirs]
     also = [load_run(Path(d)) for d in also_dirs]
@@ -635,15 +638,16 @@ def compare(run_dirs: list[str], out: str, catalog_path: str | None = None, also
                 click.echo(f"note: {notes[-1]}", err=True)
     catalog = _catalog(catalog_path, runs)
     target = Path(out)
-    if target.exists() and any(target.iterdir()) and not (target / "report.md").exists():
-        raise CultvlmError(f"{target}: exists and is not a report folder; choose another --out")
+    for run_dir in [*run_dirs, *also_dirs]:
+        check_out_apart(target, "compare", run=run_dir)
+    check_replaceable(target, "compare", OWN_FILES)
     folder = partial_folder(target)
     try:
         build_report(runs, folder, catalog, notes, also)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)  # leave no half-built report behind
         raise
-    replace_folder(folder, target)
+    replace_folder(folder, target, "compare", OWN_FILES)
     return target
 
 

@@ -41,6 +41,128 @@ def case(id, group, input, args, exit, expect, kept, changes=()):
     return Case(id, group, input, tuple(args), exit, tuple(expect), kept, tuple(changes))
 
 
+LORA_YAML_CASES = [  # (key, case name, the line in run.yaml, the message)
+    ("learning_rate", "nan", "learning_rate: .nan", "learning_rate must be a finite number, got nan"),
+    ("learning_rate", "inf", "learning_rate: .inf", "learning_rate must be a finite number, got inf"),
+    ("learning_rate", "negative", "learning_rate: -1e-4", "learning_rate must be greater than 0, got '-1e-4'"),
+    ("learning_rate", "zero", "learning_rate: 0", "learning_rate must be greater than 0, got 0"),
+    ("learning_rate", "word", "learning_rate: fast", "learning_rate must be a number, got 'fast'"),
+    ("alpha", "nan", "alpha: .nan", "alpha must be a finite number, got nan"),
+    ("alpha", "zero", "alpha: 0", "alpha must be greater than 0, got 0"),
+    ("weight_decay", "nan", "weight_decay: .nan", "weight_decay must be a finite number, got nan"),
+    ("weight_decay", "negative", "weight_decay: -0.1", "weight_decay must be greater than or equal to 0, got -0.1"),
+    ("rank", "fraction", "rank: 4.5", "rank must be a whole number, got 4.5"),
+    ("rank", "list", "rank: [1, 2]", "rank must be a whole number, got [1, 2]"),
+    ("rank", "zero", "rank: 0", "rank must be greater than 0, got 0"),
+    ("rank", "bool", "rank: true", "rank must be a whole number, got True"),
+    ("targets", "empty", "targets: []", "targets must be a list of at least 1 item(s), got []"),
+    ("targets", "string", "targets: q_proj", "targets must be a valid list, got 'q_proj'"),
+    ("max_grad_norm", "negative", "max_grad_norm: -1", "max_grad_norm must be greater than or equal to 0, got -1"),
+    ("max_grad_norm", "nan", "max_grad_norm: .nan", "max_grad_norm must be a finite number, got nan"),
+    ("data", "number", "data: 12", "data must be a valid string, got 12"),
+    ("dropout", "one", "dropout: 1.0", "dropout must be less than 1, got 1.0"),
+    ("dropout", "negative", "dropout: -0.1", "dropout must be greater than or equal to 0, got -0.1"),
+    ("steps", "zero", "steps: 0", "steps must be greater than 0, got 0"),
+    ("batch_size", "negative", "batch_size: -2", "batch_size must be greater than 0, got -2"),
+    ("warmup_steps", "negative", "warmup_steps: -1", "warmup_steps must be greater than or equal to 0, got -1"),
+    ("min_lr_ratio", "two", "min_lr_ratio: 2", "min_lr_ratio must be less than or equal to 1, got 2"),
+    ("vision", "yes", "vision: everything", "vision must be 'none', 'merger' or 'all', got 'everything'"),
+    ("mix", "unknown", "mix: [naming, facts]",
+     "mix must list line kinds (naming, fact, describe, verify_yes, verify_no, replay, unknown), got facts"),
+    ("mix", "string", "mix: naming", "mix must be a valid list, got 'naming'"),
+    ("seed", "negative", "seed: -1", "seed must be greater than or equal to 0, got -1"),
+    ("max_seq_len", "zero", "max_seq_len: 0", "max_seq_len must be greater than 0, got 0"),
+    ("compile", "word", "compile: maybe", "compile must be a valid boolean, unable to interpret input, got 'maybe'"),
+    ("learning_rte", "typo", "learning_rte: 1e-4", "unknown field 'learning_rte'"),
+]
+GENERATE = ["generate", "photo.jpg", "--model", "tiny-4bit", "--models-dir", "models"]
+EVAL = ["eval", "--model", "tiny-4bit", "--models-dir", "models", "--images", "probe", "--out", "runs/probe"]
+CLI_CASES = [  # (case name, command, flags, the message)
+    ("temp_nan_generate", GENERATE, ["--temp", "nan"], "temperature must be a finite number, got nan"),
+    ("temp_negative_generate", GENERATE, ["--temp", "-1"], "temperature must be greater than or equal to 0, got -1.0"),
+    ("max_tokens_negative_generate", GENERATE, ["--max-tokens", "-1"], "max_tokens must be greater than 0, got -1"),
+    ("max_tokens_zero_generate", GENERATE, ["--max-tokens", "0"], "max_tokens must be greater than 0, got 0"),
+    ("seed_negative_generate", GENERATE, ["--seed", "-3"], "seed must be greater than or equal to 0, got -3"),
+    ("batch_size_zero_eval", EVAL, ["--batch-size", "0"], "batch_size must be greater than 0, got 0"),
+    ("max_tokens_zero_eval", EVAL, ["--max-tokens", "0"], "max_tokens must be greater than 0, got 0"),
+    ("learning_rate_nan_lora", ["lora", "--config", "run.yaml"], ["--learning-rate", "nan"],
+     "run.yaml: learning_rate must be a finite number, got nan"),
+    ("rank_negative_lora", ["lora", "--config", "run.yaml"], ["--rank", "-1"],
+     "run.yaml: rank must be greater than 0, got -1"),
+]
+GENERATE_WITH_ADAPTER = GENERATE + ["--adapter", "adapters/good"]
+EVAL_WITH_ADAPTER = EVAL + ["--adapter", "adapters/good"]
+DAMAGED_ADAPTERS = [  # (case name, the damage, the message)
+    ("truncated", "`adapters.safetensors` cut in half (an interrupted copy)",
+     "damaged: adapters.safetensors (… of … bytes); copy it again, or train again (--resume continues from the "
+     "last checkpoint)"),
+    ("random", "`adapters.safetensors` of random bytes",
+     "damaged: adapters.safetensors (…); copy it again, or train again (--resume continues from the last "
+     "checkpoint)"),
+    ("empty", "`adapters.safetensors` of 0 bytes",
+     "damaged: adapters.safetensors (…); copy it again, or train again (--resume continues from the last "
+     "checkpoint)"),
+    ("nan", "`adapters.safetensors` whose weights are NaN (a run that diverged)",
+     "… tensor(s) hold NaN or infinite values (…): a run that diverged; train again with a lower learning_rate"),
+]
+OUT_CASES = [  # (case name, the mistake, command, the message, what is kept)
+    ("lora_is_data", "`lora --out ds --force`, the dataset folder itself",
+     ["lora", "--config", "run.yaml", "--out", "ds", "--force"],
+     "--out ds: is the data ds of `cultvlm lora`; choose an --out apart from its inputs",
+     "the dataset untouched (it used to be deleted)"),
+    ("lora_inside_data", "`lora --out ds/adapters`, inside the dataset",
+     ["lora", "--config", "run.yaml", "--out", "ds/adapters"],
+     "--out ds/adapters: is inside the data ds of `cultvlm lora`; choose an --out apart from its inputs",
+     "nothing written"),
+    ("lora_force_user_files", "`lora --force` into a folder that also holds the user's notes",
+     ["lora", "--config", "run.yaml", "--force"],
+     "adapters/run: holds notes.txt, which `cultvlm lora` did not write, and it deletes only its own files: "
+     "move them away or choose another --out",
+     "the notes and the previous run untouched"),
+    ("fuse_is_adapter", "`fuse --out` the adapter folder",
+     ["fuse", "--model", "tiny-4bit", "--models-dir", "models", "--adapter", "adapters/good", "--out",
+      "adapters/good", "--force"],
+     "--out adapters/good: is the adapter adapters/good of `cultvlm fuse`; choose an --out apart from its inputs",
+     "the adapter untouched"),
+    ("fuse_is_model", "`fuse --out` the base model folder",
+     ["fuse", "--model", "models/tiny-4bit", "--adapter", "adapters/good", "--out", "models/tiny-4bit",
+      "--force"],
+     "--out models/tiny-4bit: is the model models/tiny-4bit of `cultvlm fuse`; choose an --out apart from its "
+     "inputs",
+     "the base model untouched"),
+    ("fuse_force_user_files", "`fuse --force` into a folder of the user's own files",
+     ["fuse", "--model", "tiny-4bit", "--models-dir", "models", "--adapter", "adapters/good", "--out",
+      "mine", "--force"],
+     "mine: holds notes.txt, which `cultvlm fuse` did not write, and it deletes only its own files: move them "
+     "away or choose another --out",
+     "the user's files untouched"),
+    ("convert_is_source", "`convert --out` the Hugging Face folder it reads",
+     ["convert", "--model", "tiny", "--hf-path", "hf/tiny", "--out", "hf/tiny", "--force"],
+     "--out hf/tiny: is the source hf/tiny of `cultvlm convert`; choose an --out apart from its inputs",
+     "the checkpoint untouched"),
+    ("eval_inside_data", "`eval --out` inside the dataset",
+     ["eval", "--model", "tiny-4bit", "--models-dir", "models", "--data", "ds", "--out", "ds/runs"],
+     "--out ds/runs: is inside the data ds of `cultvlm eval`; choose an --out apart from its inputs",
+     "nothing written"),
+    ("eval_force_user_files", "`eval --force` (other settings) into a run folder that also holds the user's notes",
+     EVAL + ["--force", "--max-tokens", "5"],
+     "runs/probe: holds notes.txt, which `cultvlm eval` did not write, and it deletes only its own files: move "
+     "them away or choose another --out",
+     "the notes and the earlier run untouched"),
+    ("build_holds_images", "`data build --out` a folder that holds the images",
+     ["data", "build", "--out", "data"],
+     "--out data: holds the images data/images of `cultvlm data build`; choose an --out apart from its inputs",
+     "the images untouched"),
+    ("build_user_files", "`data build` into a folder of the user's own files",
+     ["data", "build", "--out", "mine"],
+     "mine: holds notes.txt, which `cultvlm data build` did not write, and it deletes only its own files: move "
+     "them away or choose another --out",
+     "the user's files untouched"),
+    ("compare_is_run", "`compare --out` one of the runs it compares",
+     ["compare", "runs/probe", "--out", "runs/probe"],
+     "--out runs/probe: is the run runs/probe of `cultvlm compare`; choose an --out apart from its inputs",
+     "the run untouched"),
+]
 CHECK = ["data", "check", "--min-images", "0"]
 ADD = ["data", "add", "gena", "--images", "incoming"]
 CASES = [
@@ -242,6 +364,25 @@ CASES = [
          GIGACHAT, 1,
          ["Error: GIGACHAT_VERIFY_SSL_CERTS: expected true or false, got 'maybe'"],
          "no request is made; captions.jsonl untouched"),
+    case("gigachat_basic_prefix", "services", "`GIGACHAT_CREDENTIALS=Basic <key>` (the header's prefix pasted too)",
+         GIGACHAT, 1,
+         ["Error: GIGACHAT_CREDENTIALS: give the authorization key without the 'Basic ' in front of it"],
+         "no request is made; the key is never printed"),
+    case("gigachat_not_base64", "services", "`GIGACHAT_CREDENTIALS` with a space inside (a key broken by a paste)",
+         GIGACHAT, 1,
+         ["Error: GIGACHAT_CREDENTIALS: not a base64 authorization key (it holds characters other than A-Z, a-z, "
+          "0-9, +, /, =); copy the key from the GigaChat project page as it is"],
+         "no request is made; the key is never printed"),
+    case("gigachat_no_ca_bundle", "services", "`GIGACHAT_CA_BUNDLE_FILE` naming a file that is not there",
+         GIGACHAT, 1,
+         ["Error: GIGACHAT_CA_BUNDLE_FILE: russian_trusted_root_ca.crt: no such file"],
+         "no request is made"),
+    case("gigachat_untrusted_certificate", "services",
+         "GigaChat's certificate not trusted here (no Russian Trusted Root CA; a self-signed server stands in)",
+         GIGACHAT, 1,
+         ["Error: GigaChat sign-in: the server's certificate is not trusted here (GigaChat's chains to the Russian "
+          "Trusted Root CA): set GIGACHAT_CA_BUNDLE_FILE to that CA's .crt file, in the environment or ./.env"],
+         "stops at once, no retries; captions.jsonl untouched"),
     case("gigachat_401", "services", "GigaChat rejects the credentials (HTTP 401 at sign-in)",
          GIGACHAT, 1,
          ["Error: GigaChat refused the credentials (HTTP 401 on sign-in): check GIGACHAT_CREDENTIALS and "
@@ -260,16 +401,85 @@ CASES = [
          GIGACHAT[:-4] + ["--retries", "0", "--retry-delay", "0.05"], 1,
          ["Error: GigaChat caption of gena/b.jpg: gave up after 1 try (last: ReadTimeout)"],
          "earlier captions kept; a re-run resumes"),
+    # --- settings: checked (type, range, finite) before a model loads ---
+    *[case(f"yaml_{key}_{name}_lora", "settings", f"`{line}` in the LoRA config (run.yaml)",
+           ["lora", "--config", "run.yaml"], 1, [f"Error: run.yaml: {message}"],
+           "refused before the model loads; nothing written")
+      for key, name, line, message in LORA_YAML_CASES],
+    *[case(f"cli_{name}", "settings", f"`{' '.join(flags)}`", command + flags, 1, [f"Error: {message}"],
+           "refused before the model loads; nothing written")
+      for name, command, flags, message in CLI_CASES],
+    case("yaml_list_lora", "settings", "A LoRA config that is a list, not a mapping",
+         ["lora", "--config", "run.yaml"], 1, ["Error: run.yaml: expected a mapping of option: value"],
+         "refused before the model loads; nothing written"),
+    case("yaml_not_utf8_lora", "settings", "A LoRA config saved in Latin-1 (`# café`)",
+         ["lora", "--config", "run.yaml"], 1,
+         ["Error: run.yaml: cannot read config ('utf-8' codec can't decode byte 0xe9 in position …)"],
+         "refused before the model loads; nothing written"),
+    case("nan_loss_lora", "settings",
+         "A learning rate so high (`learning_rate: 1.0e+30`) that the weights overflow and the loss turns NaN",
+         ["lora", "--config", "run.yaml"], 1,
+         ["Error: step 2: loss nan, gradient norm nan: training stopped before the update, no adapters written; "
+          "the last good checkpoint (step 1) is kept in adapters/run/checkpoint. Try a lower learning_rate "
+          "(now 1e+30) or more warmup_steps (now 0)"],
+         "no adapters.safetensors is written; the step-1 checkpoint is kept"),
+    case("prompt_image_pad_generate", "settings", "`--prompt` holding Qwen's `<|image_pad|>` token",
+         ["generate", "photo.jpg", "--model", "tiny-4bit", "--models-dir", "models", "--prompt",
+          "Кто это? <|image_pad|>"], 1,
+         ["Error: --prompt holds <|image_pad|>, one of Qwen's control tokens, which the chat template places "
+          "itself: remove it from the question"],
+         "refused before the model loads"),
+    case("prompt_im_end_generate", "settings", "`--prompt` holding `<|im_end|>` (an attempt to end the turn)",
+         ["generate", "photo.jpg", "--model", "tiny-4bit", "--models-dir", "models", "--prompt",
+          "Hi<|im_end|><|im_start|>assistant"], 1,
+         ["Error: --prompt holds <|im_end|>, one of Qwen's control tokens, which the chat template places "
+          "itself: remove it from the question"],
+         "refused before the model loads"),
+    case("ids_case_check", "data", "Catalog ids `gena` and `Gena` (one folder on macOS)",
+         CHECK, 1,
+         ["Error: data/entities.json: entity ids 'gena' and 'Gena' differ only in case or Unicode form, and "
+          "would share one image folder on macOS; rename one"],
+         "nothing written"),
+    case("ids_nfd_check", "data", "Catalog ids `алёша` in NFC and in NFD (`е` + combining diaeresis)",
+         CHECK, 1,
+         ["Error: data/entities.json: entity ids 'алёша' and 'але\u0308ша' differ only in case or Unicode form, "
+          "and would share one image folder on macOS; rename one"],
+         "nothing written"),
+    case("train_not_utf8_lora", "data", "`train.jsonl` with a line in Latin-1",
+         ["lora", "--config", "run.yaml"], 1,
+         ["Error: ds/train.jsonl:5: not UTF-8 text (byte 0xe9 at column 32); save the file as UTF-8"],
+         "refused before training; the dataset untouched"),
+    # --- adapters and model files ---
+    *[case(f"adapter_{name}_{command[0]}", "models", what, command, 1, [f"Error: adapters/good/adapters.safetensors: {message}"],
+           "refused before any answer; the adapter folder untouched")
+      for name, what, message in DAMAGED_ADAPTERS for command in (GENERATE_WITH_ADAPTER, EVAL_WITH_ADAPTER)],
+    # --- outputs: a command deletes only what it wrote, never an input ---
+    *[case(f"out_{name}", "outputs", what, command, 1, [f"Error: {message}"], kept)
+      for name, what, command, message, kept in OUT_CASES],
+    case("lock_held_lora", "outputs", "A second `lora` into the folder a running `lora` writes",
+         ["lora", "--config", "run.yaml"], 1,
+         ["Error: adapters/run: in use by `cultvlm lora` (pid <pid>); wait for it to finish, or stop it "
+          "(if no such process runs, delete adapters/.run.lock)"],
+         "the first run's files untouched"),
+    case("lock_stale_lora", "outputs", "A lock left by a `lora` killed with `kill -9` (its process is gone)",
+         ["lora", "--config", "run.yaml"], 0, ["adapters written to adapters/run"],
+         "the stale lock is taken over and removed at the end", changes=("adapters/.run.lock",)),
     case("commons_html", "services",
          "Wikimedia Commons endpoint answers an HTML page (captive portal, proxy) instead of JSON",
          ["data", "collect", "gena", "--endpoint", "<endpoint>", "--delay", "0.02", "--retries", "0"], 1,
          ["Error: <endpoint>: answered with an HTML page, not MediaWiki JSON (a captive portal, proxy or "
           "error page?); check the network or --endpoint"],
          "the entity's images and sources.jsonl untouched"),
+    case("commons_403", "services", "Wikimedia Commons answers HTTP 403 (a User-Agent without a contact)",
+         ["data", "collect", "gena", "--endpoint", "<endpoint>", "--delay", "0.02", "--retries", "0"], 1,
+         ["Error: <endpoint>: HTTP 403 Forbidden: Wikimedia asks for a User-Agent with a contact; set "
+          "CULTVLM_CONTACT (an e-mail or a URL) and run again"],
+         "the entity's images and sources.jsonl untouched"),
 ]
 
 GROUPS = {"images": "Image files", "data": "Datasets, captions and the catalog",
-          "models": "Models, adapters and saving", "services": "GigaChat and Wikimedia Commons"}
+          "models": "Models, adapters and saving", "settings": "Settings and prompts",
+          "outputs": "Output folders: nothing lost", "services": "GigaChat and Wikimedia Commons"}
 
 
 def _cell(text: str) -> str:

@@ -84,8 +84,9 @@ from mlx_cultvlm.cli import main
 main(prog_name="cultvlm")
 '''
 
-# What a kill may leave beside an output: hidden partial/old folders, hidden temporary files.
-HIDDEN_LEFTOVERS = (".partial", ".old", ".partial.safetensors", ".tmp")
+# What a kill may leave beside an output: hidden partial/old folders, hidden temporary files,
+# the writer's lock (its process gone, the next writer takes it over: test_errors.py).
+HIDDEN_LEFTOVERS = (".partial", ".old", ".partial.safetensors", ".tmp", ".lock")
 
 
 RUNNING: list[subprocess.Popen] = []

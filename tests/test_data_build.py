@@ -308,7 +308,7 @@ def test_refuses_to_replace_a_folder_it_did_not_build(tree, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.txt").write_text("years of work")
-    with pytest.raises(CultvlmError, match="not a dataset built by cultvlm"):
+    with pytest.raises(CultvlmError, match="holds thesis.txt, which `cultvlm data build` did not write"):
         build_dataset(out, images, catalog)
     assert (out / "thesis.txt").read_text() == "years of work"
 

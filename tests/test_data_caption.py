@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 import pytest
 from click.testing import CliRunner
@@ -253,7 +253,7 @@ def gigachat():
             pass
 
         def answer(self, status, obj, headers=()):
-            body = json.dumps(obj, ensure_ascii=False).encode()
+            body = obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -292,6 +292,12 @@ def gigachat():
                 entry["action"] = action
                 if action == "429":
                     return self.answer(429, {"status": 429, "message": "Too many requests"}, [("Retry-After", "0.2")])
+                if action == "echo":  # a 400 whose body repeats the key, in every spelling a proxy might use
+                    key, decoded = self.headers.get("X-Echo", CREDENTIAL), base64.b64decode(CREDENTIAL).decode()
+                    echoed = (f'{{"message": "bad request", "key": "{key.replace("/", chr(92) + "/")}", '
+                              f'"url": "?key={quote(key, safe="")}", "basic": "{decoded}", '
+                              f'"client": "{decoded.split(":")[1]}"}}')
+                    return self.answer(400, echoed.encode())
                 if action == "500":
                     return self.answer(500, {"status": 500, "message": "Internal Server Error"})
                 if action == "slow":
@@ -430,6 +436,27 @@ def test_credential_and_token_are_never_printed_logged_or_written(catalog, three
             assert secret not in text
         for path in written:
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_key_echoed_back_in_any_spelling_is_never_printed_or_written(catalog, three_images, gigachat, tmp_path,
+                                                                       capfd):
+    """An error body that repeats the key JSON-escaped, URL-encoded or base64-decoded (with its
+    client secret alone) is shown redacted; every log and every written file is searched."""
+    from mlx_cultvlm.data.caption import secret_spellings
+
+    gigachat.chat_script = ["echo"]
+    result = giga(catalog, three_images, gigachat.env())
+    assert result.exit_code == 1 and "GigaChat caption of" in result.output and "HTTP 400" in result.output
+    assert "***" in result.output
+    spellings = secret_spellings(CREDENTIAL)
+    assert {base64.b64decode(CREDENTIAL).decode(), "fake-client-secret-8f3a", quote(CREDENTIAL, safe="")} <= spellings
+    seen = [result.output, result.stderr, *capfd.readouterr()]
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".env"]
+    for spelling in spellings | {CREDENTIAL.replace("/", "\\/")}:
+        for text in seen:
+            assert spelling not in text, spelling
+        for path in written:
+            assert spelling.encode() not in path.read_bytes(), path
 
 
 def test_captions_default_to_beside_the_images_where_build_looks(catalog, images, tmp_path, monkeypatch):

@@ -138,6 +138,8 @@ def commons():
                     return self.send(429, b"Too many requests", "text/plain", [("Retry-After", "0.3")])
                 if action == "500":
                     return self.send(500, b"oops", "text/plain")
+                if action == "403":  # Wikimedia's answer to a User-Agent without a contact
+                    return self.send(403, b"Please set a user-agent and respect our robot policy", "text/plain")
                 if action == "maxlag":
                     body = {"error": {"code": "maxlag", "info": "Waiting for a database server: 6 seconds lagged."}}
                     return self.send(200, json.dumps(body).encode(), "application/json; charset=utf-8",

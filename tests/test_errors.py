@@ -17,6 +17,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -596,10 +597,212 @@ def disk_full_during_fuse(ws, request, case):
     return Run(after=after)
 
 
+# ---------------------------------------------------------------- setups: settings and prompts
+
+def nothing_written(*folders):
+    def after(ws, result):
+        for folder in folders:
+            assert not (ws / folder).exists(), f"{folder} was written"
+    return Run(after=after)
+
+
+def with_yaml_line(ws: Path, line: str) -> None:
+    """run.yaml with `line` in place of the line that sets the same key (or added)."""
+    key = line.split(":")[0]
+    kept = [old for old in (ws / "run.yaml").read_text().splitlines() if old.split(":")[0] != key]
+    (ws / "run.yaml").write_text("\n".join(kept + [line]) + "\n", encoding="utf-8")
+
+
+@setup(*[f"yaml_{key}_{name}_lora" for key, name, *_ in errors_doc.LORA_YAML_CASES])
+def bad_yaml_setting(ws, request, case):
+    small_training_setup(ws, request, steps=1)
+    line = next(line for key, name, line, _ in errors_doc.LORA_YAML_CASES if case.id == f"yaml_{key}_{name}_lora")
+    with_yaml_line(ws, line)
+    return nothing_written("adapters")
+
+
+def probe_folder(ws: Path, request) -> None:
+    link_model(ws, request)
+    write_catalog(ws)
+    save(picture(1), ws / "probe" / "gena" / "a.png")
+
+
+@setup(*[f"cli_{name}" for name, *_ in errors_doc.CLI_CASES])
+def bad_flag(ws, request, case):
+    if case.args[0] == "generate":
+        link_model(ws, request)
+        make_image(ws / "photo.jpg")
+    elif case.args[0] == "eval":
+        probe_folder(ws, request)
+    else:
+        small_training_setup(ws, request, steps=1)
+    return nothing_written("adapters", "runs")
+
+
+@setup("yaml_list_lora", "yaml_not_utf8_lora")
+def unreadable_yaml(ws, request, case):
+    small_training_setup(ws, request, steps=1)
+    if case.id == "yaml_list_lora":
+        (ws / "run.yaml").write_text("- rank\n- 4\n", encoding="utf-8")
+    else:
+        (ws / "run.yaml").write_bytes("# café\n".encode("latin-1") + (ws / "run.yaml").read_bytes())
+    return nothing_written("adapters")
+
+
+@setup("nan_loss_lora")
+def diverging_run(ws, request, case):
+    small_training_setup(ws, request, steps=3)
+    with_yaml_line(ws, "learning_rate: 1.0e+30")
+    with_yaml_line(ws, "warmup_steps: 0")
+
+    def after(ws, result):
+        run = ws / "adapters" / "run"
+        assert not (run / "adapters.safetensors").exists()
+        assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 1
+        assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1]
+    return Run(after=after)
+
+
+@setup("prompt_image_pad_generate", "prompt_im_end_generate")
+def control_tokens_in_prompt(ws, request, case):
+    link_model(ws, request)
+    make_image(ws / "photo.jpg")
+
+
+@setup("ids_case_check", "ids_nfd_check")
+def colliding_ids(ws, request, case):
+    ids = ["gena", "Gena"] if case.id == "ids_case_check" else ["алёша", unicodedata.normalize("NFD", "алёша")]
+    write_file(ws / "data" / "entities.json", json.dumps(
+        {"entities": [{"id": i, "names": {"ru": [f"Имя {n}"]}} for n, i in enumerate(ids)]}).encode())
+    return nothing_written("data/manifest.jsonl")
+
+
+@setup("train_not_utf8_lora")
+def latin1_training_line(ws, request, case):
+    small_training_setup(ws, request, steps=1)
+    with open(ws / "ds" / "train.jsonl", "ab") as f:
+        f.write('{"images": [], "messages": "café"}\n'.encode("latin-1"))
+
+    def after(ws, result):
+        assert not (ws / "adapters" / "run" / "adapters.safetensors").exists()
+    return Run(after=after)
+
+
+# ---------------------------------------------------------------- setups: adapters, output folders
+
+def good_adapter(ws: Path, request) -> Path:
+    folder = ws / "adapters" / "good"
+    shutil.copytree(request.getfixturevalue("trained").out, folder,
+                    ignore=shutil.ignore_patterns("checkpoint", "*.png", "train_log.jsonl"))
+    return folder / "adapters.safetensors"
+
+
+def damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        mx.save_safetensors(str(path), {k: mx.full(v.shape, float("nan"), v.dtype) for k, v in mx.load(str(path)).items()})
+
+
+@setup(*[f"adapter_{name}_{command[0]}" for name, *_ in errors_doc.DAMAGED_ADAPTERS
+         for command in (errors_doc.GENERATE_WITH_ADAPTER, errors_doc.EVAL_WITH_ADAPTER)])
+def damaged_adapter(ws, request, case):
+    probe_folder(ws, request)
+    make_image(ws / "photo.jpg")
+    damage(good_adapter(ws, request), case.id.split("_")[1])
+
+
+@setup(*[f"out_{name}" for name, *_ in errors_doc.OUT_CASES])
+def misplaced_out(ws, request, case):
+    name = case.id.removeprefix("out_")
+    if name.startswith("lora"):
+        small_training_setup(ws, request, steps=1)
+        if name == "lora_force_user_files":
+            write_file(ws / "adapters" / "run" / "notes.txt", b"my notes")
+            write_file(ws / "adapters" / "run" / "train_log.jsonl", b'{"step": 1, "loss": 2.0}\n')
+    elif name.startswith("fuse"):
+        link_model(ws, request)
+        good_adapter(ws, request)
+        write_file(ws / "mine" / "notes.txt", b"my notes")
+    elif name == "convert_is_source":
+        shutil.copytree(request.getfixturevalue("tiny_hf"), ws / "hf" / "tiny")
+    elif name == "eval_inside_data":
+        link_model(ws, request)
+        write_catalog(ws)
+        save(picture(1), ws / "ds" / "images" / "a.png")
+        write_lines(ws / "ds" / "test.jsonl", [dataset_line("images/a.png", "gena")])
+    elif name in ("eval_force_user_files", "compare_is_run"):
+        probe_folder(ws, request)
+        first = CliRunner().invoke(main, errors_doc.EVAL + ["--max-tokens", "4"])
+        assert first.exit_code == 0, first.output
+        write_file(ws / "runs" / "probe" / "notes.txt", b"my notes")
+    else:  # data build
+        write_catalog(ws)
+        for n in range(3):
+            save(picture(n), ws / "data" / "images" / "gena" / f"{n}.png")
+        write_file(ws / "mine" / "notes.txt", b"my notes")
+
+
+def other_process(exited: bool) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    if exited:
+        process.kill()
+        process.wait()  # reaped: its pid names no process now
+    return process
+
+
+@setup("lock_held_lora", "lock_stale_lora")
+def locked_output(ws, request, case):
+    small_training_setup(ws, request, steps=1)
+    holder = other_process(exited=case.id == "lock_stale_lora")
+    write_file(ws / "adapters" / ".run.lock", json.dumps({"pid": holder.pid, "command": "lora"}).encode())
+
+    def after(ws, result):
+        holder.kill()
+        holder.wait()
+        if case.id == "lock_stale_lora":
+            assert not (ws / "adapters" / ".run.lock").exists()
+            assert (ws / "adapters" / "run" / "adapters.safetensors").is_file()
+        else:
+            assert not (ws / "adapters" / "run").exists()
+    return Run(placeholders={"pid": str(holder.pid)}, after=after)
+
+
 # ---------------------------------------------------------------- setups: GigaChat, Commons
 
+def tls_server(ws: Path) -> int:
+    """A TLS server with a self-signed certificate (as a client without the right CA sees
+    GigaChat's): the port. It only shakes hands."""
+    import socket
+    import ssl
+    import threading
+
+    key, cert = ws.parent / f"{ws.name}-key.pem", ws.parent / f"{ws.name}-cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            connection, _ = listener.accept()
+            try:
+                context.wrap_socket(connection, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                connection.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
 @setup("gigachat_no_credentials", "gigachat_bad_setting", "gigachat_401", "gigachat_429", "gigachat_500",
-       "gigachat_timeout")
+       "gigachat_timeout", "gigachat_basic_prefix", "gigachat_not_base64", "gigachat_no_ca_bundle",
+       "gigachat_untrusted_certificate")
 def gigachat_trouble(ws, request, case):
     fake = request.getfixturevalue("gigachat")
     images_for_captions(ws)  # a.jpg captioned already: that line must survive
@@ -610,12 +813,22 @@ def gigachat_trouble(ws, request, case):
         env["GIGACHAT_VERIFY_SSL_CERTS"] = "maybe"
     elif case.id == "gigachat_401":
         env = fake.env(credential=base64.b64encode(b"someone:else").decode())
+    elif case.id == "gigachat_basic_prefix":
+        env["GIGACHAT_CREDENTIALS"] = "Basic " + CREDENTIAL
+    elif case.id == "gigachat_not_base64":
+        env["GIGACHAT_CREDENTIALS"] = CREDENTIAL[:10] + " " + CREDENTIAL[10:]
+    elif case.id == "gigachat_no_ca_bundle":
+        env["GIGACHAT_CA_BUNDLE_FILE"] = "russian_trusted_root_ca.crt"
+    elif case.id == "gigachat_untrusted_certificate":
+        env["GIGACHAT_AUTH_URL"] = f"https://127.0.0.1:{tls_server(ws)}/api/v2/oauth"
+        del env["GIGACHAT_VERIFY_SSL_CERTS"]  # verify, as by default
     fake.chat_script = {"gigachat_429": ["429", "429"], "gigachat_500": ["500", "500"],
                         "gigachat_timeout": ["slow"]}.get(case.id, [])
 
     def after(ws, result):
         requests = [r["path"] for r in fake.requests]
-        if case.id in ("gigachat_no_credentials", "gigachat_bad_setting"):
+        if case.id in ("gigachat_no_credentials", "gigachat_bad_setting", "gigachat_basic_prefix",
+                       "gigachat_not_base64", "gigachat_no_ca_bundle", "gigachat_untrusted_certificate"):
             assert requests == []
         elif case.id == "gigachat_401":
             assert requests == ["/api/v2/oauth"]  # no retries, no upload
@@ -627,10 +840,10 @@ def gigachat_trouble(ws, request, case):
     return Run(env=env, after=after)
 
 
-@setup("commons_html")
+@setup("commons_html", "commons_403")
 def commons_html(ws, request, case):
     fake = request.getfixturevalue("commons")
-    fake.api_always = "html"
+    fake.api_always = case.id.removeprefix("commons_")
     write_catalog(ws)
     save(picture(1), ws / "data" / "images" / "gena" / "commons_1.jpg")
     write_lines(ws / "data" / "images" / "gena" / "sources.jsonl",
@@ -638,7 +851,7 @@ def commons_html(ws, request, case):
 
     def after(ws, result):
         assert sorted(os.listdir(ws / "data" / "images" / "gena")) == ["commons_1.jpg", "sources.jsonl"]
-    return Run(placeholders={"endpoint": f"{fake.url}/w/api.php"}, after=after)
+    return Run(placeholders={"endpoint": f"{fake.url}/w/api.php"}, env={"CULTVLM_CONTACT": None}, after=after)
 
 
 # ---------------------------------------------------------------- beyond the table

@@ -303,7 +303,7 @@ def test_changed_variant_is_refused_then_redone_with_force(series):
      r": variants\[1\] \(everything\): compare_with: 'nope' is not another variant"),
     (lambda s: s["baselines"][1].update(prompt="pictures"),
      r": baselines\[1\] \(base-names\): prompt: expected one of plain, candidates, reference_images, got 'pictures'"),
-    (lambda s: s["variants"][0].update(rank=0), r": variants\[0\] \(naming-only\): rank must be a positive"),
+    (lambda s: s["variants"][0].update(rank=0), r": variants\[0\] \(naming-only\): rank must be greater than 0, got 0"),
 ])
 def test_bad_series_file_is_a_one_line_error(series, tmp_path, edit, message):
     bad = series_dict(series["data"])

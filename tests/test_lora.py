@@ -79,7 +79,7 @@ def test_mix_keeps_only_the_lines_of_its_kinds(tiny_4bit, dataset):
     write_jsonl(root / "nokind.jsonl", [line("naming", "Это Чебурашка."), {**line("x", "Это Гена."), "meta": {}}])
     with pytest.raises(CultvlmError, match=r"nokind.jsonl:2: no meta.kind"):
         load_split(root / "nokind.jsonl", encoder, kinds=["naming"])
-    with pytest.raises(CultvlmError, match="mix must be a list"):
+    with pytest.raises(CultvlmError, match="mix must be a valid list, got 'naming'"):
         load_config(None, {"data": str(root), "mix": "naming"})
 
 
@@ -294,7 +294,7 @@ def test_skip_bad_samples_counts_them(tiny_4bit, dataset, tmp_path, capsys):
 
 
 def test_bad_options_and_foreign_adapter(trained, tiny_hf, tmp_path):
-    with pytest.raises(CultvlmError, match="rank must be a positive"):
+    with pytest.raises(CultvlmError, match="rank must be greater than 0, got 0"):
         load_config(None, {"data": "x", "rank": 0})
     (tmp_path / "run.yaml").write_text("rank: 4\nlearning_rte: 0.1\n")
     with pytest.raises(CultvlmError, match="run.yaml: unknown field.*learning_rte"):

@@ -251,7 +251,7 @@ def test_refusals(runs, tmp_path):
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     result = compare(runs["base"], "--out", busy)
-    assert result.exit_code == 1 and "not a report folder" in result.output
+    assert result.exit_code == 1 and "holds notes.txt, which `cultvlm compare` did not write" in result.output
     assert compare(tmp_path, "--out", tmp_path / "r").output.startswith("Error: ")
     result = compare(runs["base"], runs["base"], "--out", tmp_path / "r")
     assert result.exit_code == 1 and "given twice" in result.output

@@ -46,7 +46,7 @@ from pathlib import Path
 import click
 
 from ..errors import CultvlmError
-from ..files import partial_folder, replace_folder, write_json
+from ..files import check_out_apart, check_replaceable, output_lock, partial_folder, replace_folder, write_json
 from ..score import AnswerScorer
 from .add import source_records
 from .catalog import LANGS, Entity, load_catalog
@@ -259,6 +259,9 @@ def negative_samples_for(record: ImageRecord, image: str, split: str, catalog: d
     return lines
 
 
+OWN_FILES = ("build.json", "train.jsonl", "valid.jsonl", "test.jsonl", "images", "README.md")  # what it writes
+
+
 def remembered_splits(out: Path, seed: int, near_threshold: int) -> dict[str, str]:
     """The splits of the build already in `out`, if it used the same seed and threshold."""
     path = out / "build.json"
@@ -349,9 +352,9 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
                            f"0 <= --valid-fraction ({valid_fraction}), and their sum < 1")
     if out.exists() and not out.is_dir():
         raise CultvlmError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "build.json").is_file():
-        raise CultvlmError(f"{out}: not a dataset built by cultvlm (no build.json); refusing to replace it -- "
-                           f"choose another --out")
+    check_out_apart(out, "data build", images=images_root, negatives=negatives, catalog=catalog_path,
+                    captions=captions_path)
+    check_replaceable(out, "data build", OWN_FILES)
     catalog = load_catalog(catalog_path)
     beside_images = Path(os.path.normpath(images_root / "..")) / "captions.jsonl"
     if captions_path is None and beside_images.is_file():
@@ -400,47 +403,48 @@ def build_dataset(out: str | Path, images_root: str | Path = "data/images",
     if "train" not in split_of.values():
         raise CultvlmError(f"{images_root}: no usable images to train on (see `cultvlm data check`)")
 
-    partial = partial_folder(out)
-    lines: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    sources, source_cache = [], {}
-    facts = origin_facts(catalog)
-    for r in usable:
-        if r.sha256 not in split_of:
-            continue
-        folder, name = (images_root / r.entity, r.entity) if r.entity else (Path(negatives), NEGATIVES)
-        src = folder / r.path.split("/", 1)[1]
-        image = f"images/{r.entity}/{r.sha256[:16]}{src.suffix.lower()}" if r.entity else \
-            f"{NEGATIVES}/{r.sha256[:16]}{src.suffix.lower()}"  # outside images/: no entity id can clash
-        link_or_copy(src, partial / image)
-        split = split_of[r.sha256]
-        result.images[name, split] += 1
-        made = (samples_for(r, image, split, catalog, captions, seed, facts) if r.entity
-                else negative_samples_for(r, image, split, catalog, seed))
-        for sample in made:
-            lines[split].append(sample)
-            result.samples[name, sample["meta"]["kind"], split] += 1
-        if name not in source_cache:
-            source_cache[name] = source_records(folder)
-        sources.append((image, name, source_cache[name].get(r.path.split("/", 1)[1])))
-    if not lines["valid"]:
-        result.warnings.append("valid.jsonl is empty and `cultvlm lora` needs it: add pictures or raise "
-                               "--valid-fraction")
-    for split in SPLITS:
-        write_jsonl(partial / f"{split}.jsonl", lines[split])
+    with output_lock(out, "data build"):
+        partial = partial_folder(out)
+        lines: dict[str, list[dict]] = {s: [] for s in SPLITS}
+        sources, source_cache = [], {}
+        facts = origin_facts(catalog)
+        for r in usable:
+            if r.sha256 not in split_of:
+                continue
+            folder, name = (images_root / r.entity, r.entity) if r.entity else (Path(negatives), NEGATIVES)
+            src = folder / r.path.split("/", 1)[1]
+            image = f"images/{r.entity}/{r.sha256[:16]}{src.suffix.lower()}" if r.entity else \
+                f"{NEGATIVES}/{r.sha256[:16]}{src.suffix.lower()}"  # outside images/: no entity id can clash
+            link_or_copy(src, partial / image)
+            split = split_of[r.sha256]
+            result.images[name, split] += 1
+            made = (samples_for(r, image, split, catalog, captions, seed, facts) if r.entity
+                    else negative_samples_for(r, image, split, catalog, seed))
+            for sample in made:
+                lines[split].append(sample)
+                result.samples[name, sample["meta"]["kind"], split] += 1
+            if name not in source_cache:
+                source_cache[name] = source_records(folder)
+            sources.append((image, name, source_cache[name].get(r.path.split("/", 1)[1])))
+        if not lines["valid"]:
+            result.warnings.append("valid.jsonl is empty and `cultvlm lora` needs it: add pictures or raise "
+                                   "--valid-fraction")
+        for split in SPLITS:
+            write_jsonl(partial / f"{split}.jsonl", lines[split])
 
-    command = shlex.join(["cultvlm", "data", "build", "--out", str(out), "--images", str(images_root),
-                          "--catalog", str(catalog_path)]
-                         + (["--captions", str(captions_path)] if captions_path else [])
-                         + ["--seed", str(seed), "--valid-fraction", str(valid_fraction),
-                            "--test-fraction", str(test_fraction), "--near-threshold", str(near_threshold),
-                            "--min-side", str(min_side)]
-                         + (["--negatives", str(negatives)] if negatives else []))
-    (partial / "README.md").write_text(dataset_card(result, catalog, command, sources), encoding="utf-8")
-    # Remembered splits of images absent now are kept, so they return to their split if re-added.
-    write_json(partial / "build.json", {"seed": seed, "near_threshold": near_threshold,
-                                        "valid_fraction": valid_fraction, "test_fraction": test_fraction,
-                                        "command": command, "splits": {**remembered, **split_of}})
-    replace_folder(partial, out)
+        command = shlex.join(["cultvlm", "data", "build", "--out", str(out), "--images", str(images_root),
+                              "--catalog", str(catalog_path)]
+                             + (["--captions", str(captions_path)] if captions_path else [])
+                             + ["--seed", str(seed), "--valid-fraction", str(valid_fraction),
+                                "--test-fraction", str(test_fraction), "--near-threshold", str(near_threshold),
+                                "--min-side", str(min_side)]
+                             + (["--negatives", str(negatives)] if negatives else []))
+        (partial / "README.md").write_text(dataset_card(result, catalog, command, sources), encoding="utf-8")
+        # Remembered splits of images absent now are kept, so they return to their split if re-added.
+        write_json(partial / "build.json", {"seed": seed, "near_threshold": near_threshold,
+                                            "valid_fraction": valid_fraction, "test_fraction": test_fraction,
+                                            "command": command, "splits": {**remembered, **split_of}})
+        replace_folder(partial, out, "data build", OWN_FILES)
     return result
 
 

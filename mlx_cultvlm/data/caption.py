@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 import time
@@ -182,11 +183,22 @@ def gigachat_settings(env: dict[str, str]) -> dict:
     if not credentials:
         raise CultvlmError("GigaChat needs GIGACHAT_CREDENTIALS (the base64 authorization key) in the "
                            "environment or in ./.env; or caption without an API: --provider offline")
+    credentials = credentials.strip()  # a key pasted with its newline
+    if credentials.startswith("Basic "):
+        raise CultvlmError("GIGACHAT_CREDENTIALS: give the authorization key without the 'Basic ' in front of it")
+    if not re.fullmatch(r"[A-Za-z0-9+/=_-]+", credentials):
+        raise CultvlmError("GIGACHAT_CREDENTIALS: not a base64 authorization key (it holds characters other "
+                           "than A-Z, a-z, 0-9, +, /, =); copy the key from the GigaChat project page as it is")
     settings = {"credentials": credentials, "scope": env.get("GIGACHAT_SCOPE") or "GIGACHAT_API_PERS",
                 "model": env.get("GIGACHAT_MODEL") or DEFAULT_GIGACHAT_MODEL}
     for key in ("base_url", "auth_url"):
         if env.get(f"GIGACHAT_{key.upper()}"):
             settings[key] = env[f"GIGACHAT_{key.upper()}"]
+    bundle = env.get("GIGACHAT_CA_BUNDLE_FILE")
+    if bundle:  # the Russian Trusted Root CA, which GigaChat's certificate chains to
+        if not Path(bundle).expanduser().is_file():
+            raise CultvlmError(f"GIGACHAT_CA_BUNDLE_FILE: {bundle}: no such file")
+        settings["ca_bundle_file"] = str(Path(bundle).expanduser())
     verify = env.get("GIGACHAT_VERIFY_SSL_CERTS")
     if verify:
         if verify.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -201,6 +213,32 @@ def environment() -> dict[str, str]:
 
     from_file = {k: v for k, v in dotenv_values(Path.cwd() / ".env").items() if v is not None}
     return {**from_file, **os.environ}
+
+
+def secret_spellings(secret: str) -> set[str]:
+    """Every way a secret can come back in an error body: as is, JSON-escaped (`\\/` for `/`),
+    URL-encoded, and -- for the base64 authorization key -- decoded, with its client id and
+    client secret on their own."""
+    import base64
+    import binascii
+    from urllib.parse import quote, quote_plus
+
+    found = {secret, secret.replace("/", "\\/"), json.dumps(secret)[1:-1], quote(secret, safe=""), quote_plus(secret)}
+    try:
+        decoded = base64.b64decode(secret, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        decoded = None
+    if decoded:
+        found |= {decoded, *(part for part in decoded.split(":") if len(part) >= 8)}
+    return {spelling for spelling in found if len(spelling) >= 8}  # never mask ordinary short words
+
+
+def redact(text: str, secrets) -> str:
+    """`text` with every spelling of every secret masked, longest first (a part inside a whole)."""
+    spellings = {spelling for secret in secrets if secret for spelling in secret_spellings(secret)}
+    for spelling in sorted(spellings, key=len, reverse=True):
+        text = text.replace(spelling, "***")
+    return text
 
 
 class GigaChatCaptioner:
@@ -225,10 +263,7 @@ class GigaChatCaptioner:
         self.client.close()
 
     def _redact(self, text: str) -> str:
-        for secret in [*self._secrets, self.client.token]:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return redact(text, [*self._secrets, self.client.token])
 
     def _call(self, what: str, fn, *args):
         """fn(*args) with bounded retries on 429, 5xx, timeouts and dropped connections."""
@@ -249,6 +284,11 @@ class GigaChatCaptioner:
             except ServerError as e:
                 problem, wait = f"HTTP {e.status_code}", self.retry_delay * 2 ** attempt
             except httpx.TransportError as e:  # timeouts among them
+                if "CERTIFICATE_VERIFY_FAILED" in str(e):  # retrying will not help
+                    raise CultvlmError(
+                        f"GigaChat {what}: the server's certificate is not trusted here (GigaChat's chains to the "
+                        "Russian Trusted Root CA): set GIGACHAT_CA_BUNDLE_FILE to that CA's .crt file, in the "
+                        "environment or ./.env") from None
                 problem, wait = type(e).__name__, self.retry_delay * 2 ** attempt
             except ResponseError as e:  # 400, 404, 413, 422: retrying will not help
                 body = self._redact((e.content or b"").decode("utf-8", "replace"))[:200]

@@ -55,6 +55,11 @@ class Entity:
         return [n for code in LANGS for n in self.names.get(code, [])]
 
 
+def disk_key(entity_id: str) -> str:
+    """What a case-insensitive, normalising file system compares: two ids with one key collide."""
+    return unicodedata.normalize("NFC", entity_id).casefold()
+
+
 def _reject_duplicate_keys(pairs):
     keys = [k for k, _ in pairs]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
@@ -168,6 +173,12 @@ def load_catalog(path: str | Path) -> dict[str, Entity]:
     for entity in entities:
         if entity.id in by_id:
             raise CultvlmError(f"{path}: duplicate entity id {entity.id!r}")
+        # The id names a folder: on macOS (case-insensitive, and NFD in file names) "Gena" and
+        # "gena", or two spellings of "Алёша", are the same folder.
+        same = next((other for other in by_id if disk_key(other) == disk_key(entity.id)), None)
+        if same is not None:
+            raise CultvlmError(f"{path}: entity ids {same!r} and {entity.id!r} differ only in case or Unicode "
+                               "form, and would share one image folder on macOS; rename one")
         by_id[entity.id] = entity
     check_names_unshared(entities, str(path))
     for entity in entities:

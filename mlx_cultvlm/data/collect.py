@@ -133,6 +133,10 @@ class Commons:
                 if status == 429 or status >= 500:
                     problem, wait = f"HTTP {status}", _retry_after(response)
                     wait = self._backoff(attempt) if wait is None else wait
+                elif status == 403 and not os.environ.get("CULTVLM_CONTACT"):
+                    # Wikimedia refuses clients whose User-Agent names no way to reach them.
+                    raise CultvlmError(f"{url}: HTTP 403 {response.reason_phrase}: Wikimedia asks for a User-Agent "
+                                       "with a contact; set CULTVLM_CONTACT (an e-mail or a URL) and run again")
                 elif status >= 400:
                     raise CultvlmError(f"{url}: HTTP {status} {response.reason_phrase}")
                 elif not api:
