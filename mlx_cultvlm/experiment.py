@@ -68,6 +68,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -75,12 +76,25 @@ from .errors import CultvlmError
 from .files import partial_folder, replace_folder, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 from .samples import MIX_KINDS
+from .settings import Count, checked, settings_class
 
 PROMPTS = ("plain", "candidates", "reference_images")
 SERIES_KEYS = ("name", "description", "data", "catalog", "models_dir", "eval", "defaults", "seeds",
                "baselines", "variants")
-EVAL_DEFAULTS = {"split": "test", "max_pixels": DEFAULT_MAX_PIXELS, "min_pixels": DEFAULT_MIN_PIXELS,
-                 "max_tokens": 48, "batch_size": 20}
+
+
+@settings_class
+class EvalSettings:
+    """A series' `eval:` (a group's may change all but the split)."""
+
+    split: Literal["train", "valid", "test"] = "test"
+    max_pixels: Count = DEFAULT_MAX_PIXELS
+    min_pixels: Count = DEFAULT_MIN_PIXELS
+    max_tokens: Count = 48
+    batch_size: Count = 20
+
+
+EVAL_DEFAULTS = asdict(EvalSettings())
 GROUP_EVAL_KEYS = ("max_pixels", "min_pixels", "max_tokens", "batch_size")
 SET_BY_SERIES = ("data", "out", "models_dir", "seed", "distributed")  # LoraConfig fields not in a YAML
 NOT_RECORDED = ("val_every", "save_every")  # bookkeeping: a change does not redo a run
@@ -159,33 +173,6 @@ def _one_line(text) -> str:
     return " ".join(str(text).split())
 
 
-def _coerce(value, default, what: str, fail):
-    """A YAML value as the type of the option's default. YAML 1.1 (PyYAML) reads 1e-4 without
-    a dot as a string: numeric strings are accepted for float options."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            fail(f"{what}: expected true or false, got {value!r}")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail(f"{what}: expected an integer, got {value!r}")
-    elif isinstance(default, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                fail(f"{what}: expected a number, got {value!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail(f"{what}: expected a number, got {value!r}")
-        value = float(value)
-    elif isinstance(default, str):
-        if not isinstance(value, str) or not value:
-            fail(f"{what}: expected a non-empty string, got {value!r}")
-    elif isinstance(default, list):
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            fail(f"{what}: expected a non-empty list of names, got {value!r}")
-    return value
-
-
 def load_series(path: str | Path) -> Series:
     """Read and check a series file; every error is one line naming the file and the field."""
     import yaml
@@ -245,12 +232,11 @@ def load_series(path: str | Path) -> Series:
         if not isinstance(entry, dict):
             fail(f"{where}eval: expected a mapping ({', '.join(keys)})")
         unknown(entry, keys, f"{where}eval: ")
-        out = {}
-        for key, value in entry.items():
-            out[key] = _coerce(value, EVAL_DEFAULTS[key], f"{where}eval.{key}", fail)
-            if key != "split" and out[key] <= 0:
-                fail(f"{where}eval.{key}: must be positive, got {value!r}")
-        return out
+        try:
+            values = checked(EvalSettings, entry)
+        except CultvlmError as e:
+            fail(f"{where}eval.{e.message}")
+        return {key: getattr(values, key) for key in entry}
 
     series_eval = EVAL_DEFAULTS | check_eval(raw.get("eval") or {}, "", tuple(EVAL_DEFAULTS))
     for split in ("train", "valid", series_eval["split"]):
@@ -279,12 +265,14 @@ def load_series(path: str | Path) -> Series:
         return [k for k in MIX_KINDS if k in value]
 
     def check_training(entry: dict, where: str) -> dict:
-        out = {}
-        for key, value in entry.items():
-            if key == "mix":
-                out[key] = check_mix(value, where)
-            else:
-                out[key] = _coerce(value, lora_defaults[key], f"{where}{key}", fail)
+        options = {k: v for k, v in entry.items() if k != "mix"}
+        try:
+            values = checked(LoraConfig, options)  # the checks `cultvlm lora` makes, key by key
+        except CultvlmError as e:
+            fail(f"{where}{e.message}")
+        out = {key: getattr(values, key) for key in options}
+        if "mix" in entry:
+            out["mix"] = check_mix(entry["mix"], where)
         return out
 
     defaults = raw.get("defaults") or {}

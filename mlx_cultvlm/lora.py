@@ -114,6 +114,9 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
 
 # ---------------------------------------------------------------- adapters
 
+TIED_HEAD = "target lm_head: this model ties lm_head to the embeddings (3B does); drop it from targets"
+
+
 def resolve_targets(model, cfg: LoraConfig) -> list[str]:
     """Full module names (from the model root) that get LoRA."""
     modules = dict(model.named_modules())
@@ -121,8 +124,7 @@ def resolve_targets(model, cfg: LoraConfig) -> list[str]:
     for suffix in cfg.targets:
         if suffix == "lm_head":
             if "language_model.lm_head" not in modules:
-                raise CultvlmError("target lm_head: this model ties lm_head to the embeddings "
-                                   "(3B does); drop it from targets")
+                raise CultvlmError(TIED_HEAD)
             keys.append("language_model.lm_head")
             continue
         found = [n for n in modules if n.startswith("language_model.model.layers.")
@@ -373,6 +375,32 @@ def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
     return grad_fn
 
 
+def memory_plan_line(model_dir: Path, model, cfg: LoraConfig, samples: list[Sample], cached: bool) -> str:
+    """`cultvlm plan`'s formula for this run's real sequences and feature cache, before the
+    first step: the plan's defaults (64 text tokens, --images) may be far from the data."""
+    from .models import read_config
+    from .plan import Arch, Step, feature_cache_bytes, predict_training
+
+    config = read_config(model_dir)
+    pad = config.get("image_token_id")
+    image_tokens = max(int((s.input_ids == pad).sum()) for s in samples)
+    text_tokens = max(len(s.input_ids) - int((s.input_ids == pad).sum()) for s in samples)
+    images = len({str(p) for s in samples for p in s.image_paths}) if cached else 0
+    floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    quantization = config.get("quantization") or {}
+    arch = Arch.from_config(config)
+    step = Step(bits=quantization.get("bits"), group_size=quantization.get("group_size", 64),
+                float_bytes=4 if mx.float32 in floats else 2, rank=cfg.rank, targets=tuple(cfg.targets),
+                batch=cfg.batch_size, image_tokens=image_tokens, text_tokens=text_tokens,
+                grad_checkpoint=cfg.grad_checkpoint, cached_images=images)
+    cache = feature_cache_bytes(arch, step)
+    size = lambda n: f"{n / GB:.2f} GiB" if n >= GB / 10 else f"{n / 2 ** 20:.1f} MiB"
+    return (f"memory plan for this data: sequences up to {image_tokens} image + {text_tokens} text tokens, "
+            + (f"vision features of {images} images kept ({size(cache)}), " if cached else "")
+            + f"peak about {size(predict_training(arch, step).total)} "
+            f"(`cultvlm plan` assumes --text-tokens 64 --images 1000 unless told)")
+
+
 class FeatureCache:
     """The frozen vision tower's output per (image, size), computed the first time an image is
     seen and reused every later epoch: with no LoRA on the vision side and no augmentation it
@@ -569,7 +597,7 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     """Run (or resume) a LoRA training. `stop_after` ends the run after that many optimizer
     steps as if it had been killed (for tests); `profile` times each stage of every step."""
     from .generate import load_model
-    from .models import resolve_model
+    from .models import read_config, resolve_model
 
     out = Path(cfg.out)
     data = Path(cfg.data)
@@ -580,6 +608,8 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
     say = print if lead else (lambda *args, **kwargs: None)
     model_dir = resolve_model(cfg.model, cfg.models_dir)
     check_out_apart(out, "lora", data=data, model=model_dir)
+    if "lm_head" in cfg.targets and read_config(model_dir).get("tie_word_embeddings"):
+        raise CultvlmError(TIED_HEAD)  # before anything loads or is written
     with output_lock(out, "lora") if lead else nullcontext():  # rank 0 writes for all
         if lead:
             prepare_output(out, resume, force)
@@ -598,6 +628,9 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
         say(f"data: {len(train_set)} train, {len(valid_set)} valid samples"
               + (f", {len(bad_train) + len(bad_valid)} skipped" if bad_train or bad_valid else "")
               + (f", {shrunk} given fewer pixels to fit max_seq_len {cfg.max_seq_len}" if shrunk else ""))
+
+        say(memory_plan_line(model_dir, model, cfg, train_set + valid_set,
+                             cached=cfg.vision == "none" and cfg.feature_cache))
 
         # 3. adapters
         mx.random.seed(cfg.seed)

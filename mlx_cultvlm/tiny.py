@@ -298,7 +298,14 @@ def _random_tensor(name: str, shape: tuple, rng) -> np.ndarray:
 
 def _random_weights(config: dict, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {name: _random_tensor(name, shape, rng) for name, shape in _weight_shapes(config).items()}
+    weights = {name: _random_tensor(name, shape, rng) for name, shape in _weight_shapes(config).items()}
+    if config["tie_word_embeddings"]:
+        # The embeddings are the head too: rows of length ~1, as in a trained tied model (3B),
+        # so that a normed hidden state can give peaked logits. At 0.02 they cap every logit
+        # near 1 and nothing the layers learn can name anything.
+        embed = "model.embed_tokens.weight"
+        weights[embed] *= 1.0 / (0.02 * np.sqrt(config["hidden_size"]))
+    return weights
 
 
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:

@@ -258,3 +258,27 @@ def test_cli_unknown_folder_is_a_one_line_error(tmp_path):
     assert result.exit_code == 1
     assert "did you mean 'kolobok'?" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_ids_and_folders_in_nfd_are_read_as_their_nfc_id(tmp_path):
+    """macOS and its zips may spell a Cyrillic name in NFD (е + combining diaeresis): the catalog's
+    id and an image folder so spelled are the NFC id; an NFC and an NFD folder side by side
+    (possible on Linux, one folder on macOS) are refused, naming both."""
+    import unicodedata
+
+    nfc, nfd = "алёша", unicodedata.normalize("NFD", "алёша")
+    assert nfc != nfd
+    catalog_path = tmp_path / "entities.json"
+    catalog_path.write_text(json.dumps({"entities": [
+        {"id": nfd, "names": {"ru": ["Алёша Попович"]}},
+        {"id": "gena", "names": {"ru": ["Гена"]}, "confusable_with": [nfd]}]}, ensure_ascii=False), encoding="utf-8")
+    catalog = load_catalog(catalog_path)
+    assert list(catalog) == [nfc, "gena"] and catalog["gena"].confusable_with == [nfc]
+    images = tmp_path / "images"
+    save(picture(1), images / nfd / "a.png")
+    save(picture(2), images / "gena" / "b.png")
+    records = by_path(check_images(images, catalog))
+    assert records[f"{nfd}/a.png"].entity == nfc and records[f"{nfd}/a.png"].status == "ok"
+    save(picture(3), images / nfc / "c.png")
+    with pytest.raises(CultvlmError, match=f"folders '{nfc}' and '{nfd}'|folders '{nfd}' and '{nfc}'"):
+        check_images(images, catalog)

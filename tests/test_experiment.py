@@ -298,7 +298,12 @@ def test_changed_variant_is_refused_then_redone_with_force(series):
     (lambda s: s["variants"][0].update(mix=["fact"]),
      r": variants\[0\] \(naming-only\): mix: fact selects none of the lines of .*train.jsonl "
      r"\(kinds there: naming 32, verify_no 2\)"),
-    (lambda s: s["defaults"].update(learning_rate="fast"), r": defaults: learning_rate: expected a number"),
+    (lambda s: s["defaults"].update(learning_rate="fast"), r": defaults: learning_rate must be a number, got 'fast'"),
+    (lambda s: s["defaults"].update(learning_rate=float("nan")), r": defaults: learning_rate must be a finite number"),
+    (lambda s: s.update(eval={"max_tokens": 0}), r": eval.max_tokens must be greater than 0, got 0"),
+    (lambda s: s.update(eval={"split": "tset"}), r": eval.split must be 'train', 'valid' or 'test', got 'tset'"),
+    (lambda s: s["variants"][0].update(eval={"batch_size": 2.5}),
+     r": variants\[0\] \(naming-only\): eval.batch_size must be a whole number, got 2.5"),
     (lambda s: s["variants"][1].update(compare_with="nope"),
      r": variants\[1\] \(everything\): compare_with: 'nope' is not another variant"),
     (lambda s: s["baselines"][1].update(prompt="pictures"),

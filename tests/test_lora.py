@@ -416,3 +416,65 @@ def test_a_text_only_batch_trains(tiny_4bit, use_compile):
     s = step_inputs(model, Batch(ids, np.ones_like(ids), mask, None, None), 0)
     (loss, n), grads = make_grad_fn(model, vision_trainable=False, use_compile=use_compile)(s)
     assert n.item() == 4 and np.isfinite(loss.item()) and grads  # the 4 masked tokens
+
+
+def test_tied_embeddings_train_fuse_and_generate(dataset, tmp_path):
+    """3B ties lm_head to the embeddings (7B and the other tiny models do not): at tiny size,
+    that path through convert, lora, fuse and generate."""
+    from mlx_cultvlm.convert import convert
+    from mlx_cultvlm.tiny import TinySpec, build_tiny_qwen
+
+    root, items = dataset
+    hf = build_tiny_qwen(tmp_path / "hf", TinySpec(tie_word_embeddings=True))
+    q4 = convert("tiny-tied-4bit", hf_path=str(hf), out=tmp_path / "q4")
+    names = lambda folder: [k for f in folder.glob("*.safetensors") for k in mx.load(str(f))]
+    assert names(q4) and not any("lm_head" in k for k in names(q4))
+    with pytest.raises(CultvlmError, match="target lm_head: this model ties lm_head to the embeddings"):
+        train(config(q4, root, tmp_path / "refused"), progress=False)
+    assert not (tmp_path / "refused").exists()
+
+    no_head = [t for t in TARGETS if t != "lm_head"]
+    result = train(config(q4, root, tmp_path / "adapters", targets=no_head, steps=200), progress=False)
+    log = [json.loads(line) for line in (result.out / "train_log.jsonl").read_text().splitlines()]
+    val = [e["val_loss"] for e in log if e["val_loss"] is not None]
+    # Measured: loss 8.3 -> 0.8, val 1.27 -> 0.78, naming 13/16 (with no head to adapt, the
+    # layers alone must point the hidden state at a name's embedding row).
+    assert log[0]["loss"] / np.mean([e["loss"] for e in log[-10:]]) > 5 and val[-1] < 0.7 * val[0]
+    # The adapter never holds a head: the tied embedding matrix itself stays frozen.
+    assert not any("lm_head" in k or "embed_tokens" in k for k in mx.load(str(result.out / "adapters.safetensors")))
+    correct, with_adapter = accuracy(result.model, result.processor, items["test"])
+
+    runner = CliRunner()
+    fused = runner.invoke(main, ["fuse", "--model", str(q4), "--adapter", str(result.out),
+                                 "--out", str(tmp_path / "fused"), "--dequantize"])
+    assert fused.exit_code == 0, fused.output
+    fused_model, fused_processor = load_model(str(tmp_path / "fused"))
+    assert names(tmp_path / "fused") and not any("lm_head" in k for k in names(tmp_path / "fused"))
+    correct_fused, fused_answers = accuracy(fused_model, fused_processor, items["test"])
+    same = sum(a == b for a, b in zip(with_adapter, fused_answers))
+    print(f"\ntied head: naming {correct}/{len(with_adapter)} with the adapter, {correct_fused} fused "
+          f"(same answer on {same})")
+    assert correct >= 10 and correct_fused >= correct - 1
+    path = items["test"][0][0]
+    answer = runner.invoke(main, ["generate", str(path), "--model", str(q4), "--adapter", str(result.out),
+                                  "--prompt", QUESTION, "--max-pixels", str(PIXELS), "--max-tokens", "10"])
+    assert answer.exit_code == 0, answer.output
+    assert with_adapter[0].strip() in answer.output
+
+
+def test_the_run_states_its_memory_plan_for_the_real_sequences(tiny_4bit, dataset):
+    from mlx_cultvlm.lora import memory_plan_line
+
+    root, _ = dataset
+    model, _ = load_model(str(tiny_4bit))
+    encoder = encoder_for(tiny_4bit)
+    samples = load_split(root / "train.jsonl", encoder)[0] + load_split(root / "valid.jsonl", encoder)[0]
+    longest = max(len(s.input_ids) for s in samples)
+    cfg = config(tiny_4bit, root, root / "unused")
+    line = memory_plan_line(tiny_4bit, model, cfg, samples, cached=True)
+    # 112x112 pictures: 16 image tokens each; the text is what the longest line has beside them.
+    assert f"up to 16 image + {longest - 16} text tokens" in line
+    v_out = json.loads((tiny_4bit / "config.json").read_text())["hidden_size"]
+    images = len({p for s in samples for p in s.image_paths})
+    assert f"vision features of {images} images kept ({images * 16 * v_out * 2 / 2 ** 20:.1f} MiB)" in line
+    assert "vision features" not in memory_plan_line(tiny_4bit, model, cfg, samples, cached=False)

@@ -34,7 +34,7 @@ import httpx
 from ..errors import CultvlmError
 from ..files import NOT_UTF8, append_jsonl, printable, read_jsonl, utf8_name
 from ..images import load_image
-from .catalog import LANGS, Entity, load_catalog
+from .catalog import LANGS, Entity, folder_id, load_catalog
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 DEFAULT_GIGACHAT_MODEL = "GigaChat-2-Pro"  # reads images; GIGACHAT_MODEL picks another
@@ -66,7 +66,7 @@ def find_images(images_root: Path, catalog: dict[str, Entity]) -> list[Item]:
         raise CultvlmError(f"{images_root}: no such images folder")
     items = []
     for folder in sorted(p for p in images_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        entity = catalog.get(folder.name)
+        entity = catalog.get(folder_id(folder.name))
         if entity is None:
             click.echo(f"note: skipping {folder}: no entity {folder.name!r} in the catalog", err=True)
             continue

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -53,6 +53,12 @@ class Entity:
 
     def all_names(self) -> list[str]:
         return [n for code in LANGS for n in self.names.get(code, [])]
+
+
+def folder_id(name: str) -> str:
+    """The entity id an image folder's name stands for: ids are NFC, and a folder written on
+    macOS or unpacked from its zip may spell the same name in NFD."""
+    return unicodedata.normalize("NFC", name)
 
 
 def disk_key(entity_id: str) -> str:
@@ -180,6 +186,10 @@ def load_catalog(path: str | Path) -> dict[str, Entity]:
             raise CultvlmError(f"{path}: entity ids {same!r} and {entity.id!r} differ only in case or Unicode "
                                "form, and would share one image folder on macOS; rename one")
         by_id[entity.id] = entity
+    # Ids are NFC from here on, as folder_id reads the image folders.
+    entities = [replace(e, id=folder_id(e.id), confusable_with=[folder_id(c) for c in e.confusable_with])
+                for e in entities]
+    by_id = {e.id: e for e in entities}
     check_names_unshared(entities, str(path))
     for entity in entities:
         unknown = [c for c in entity.confusable_with if c not in by_id]

@@ -44,7 +44,7 @@ from PIL import Image, ImageOps
 from ..errors import CultvlmError
 from ..files import NOT_UTF8, printable, utf8_name
 from ..images import load_image
-from .catalog import Entity, load_catalog
+from .catalog import Entity, folder_id, load_catalog
 
 DEFAULT_MIN_SIDE = 64
 DEFAULT_MIN_IMAGES = 10
@@ -240,16 +240,22 @@ def check_images(images_root: str | Path, catalog: dict[str, Entity], min_side: 
     if not images_root.is_dir():
         raise CultvlmError(f"{images_root}: no such folder (images go in {images_root}/<entity_id>/)")
     folders = sorted(p for p in images_root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    unknown = [unknown_folder_message(f, catalog) for f in folders if f.name not in catalog]
+    unknown = [unknown_folder_message(f, catalog) for f in folders if folder_id(f.name) not in catalog]
     if unknown:
         raise CultvlmError("; ".join(unknown))
+    seen = {}
+    for folder in folders:
+        a, b = seen.setdefault(folder_id(folder.name), folder), folder
+        if a is not b:  # possible on Linux, one folder on macOS
+            raise CultvlmError(f"{images_root}: folders {a.name!r} and {b.name!r} are one id in two Unicode "
+                               f"forms (NFC and NFD): move the pictures into one of them")
     stray = sorted(p.name for p in images_root.iterdir() if p.is_file() and not p.name.startswith("."))
     if stray:
         click.echo(f"warning: {images_root}: ignored {len(stray)} file(s) outside entity folders "
                    f"({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''})", err=True)
     if negatives is not None and not Path(negatives).is_dir():
         raise CultvlmError(f"{negatives}: no such folder (of pictures of no catalog entity, for --negatives)")
-    sources = [(folder, folder.name, folder.name) for folder in folders]
+    sources = [(folder, folder.name, folder_id(folder.name)) for folder in folders]
     if negatives is not None:
         sources.append((Path(negatives), NEGATIVES, None))
     records = []
