@@ -9,7 +9,31 @@ from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS
 MODEL_HELP = "preset (3b, 3b-4bit, 7b, 7b-4bit, tiny, tiny-4bit, ...), local folder, or HF repo id"
 
 
-@click.group()
+class OneLineGroup(click.Group):
+    """A bad flag, a missing argument or an unknown command is one line, as every other error
+    is: click would print the usage and a hint above it. The line says where the options are."""
+
+    @staticmethod
+    def _one_line(error: click.UsageError) -> click.UsageError:
+        if error.ctx is None:
+            return error
+        return click.UsageError(f"{error.format_message().strip()} "
+                                f"(`{error.ctx.command_path} --help` lists the options)")
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:  # the subcommands' own parsing, and their subcommands'
+            raise self._one_line(e) from None
+
+
+@click.group(cls=OneLineGroup)
 @click.version_option(package_name="cultvlm")
 def main():
     """cultvlm: teach Qwen2.5-VL regional culture with MLX."""

@@ -90,6 +90,15 @@ CLI_CASES = [  # (case name, command, flags, the message)
     ("rank_negative_lora", ["lora", "--config", "run.yaml"], ["--rank", "-1"],
      "run.yaml: rank must be greater than 0, got -1"),
 ]
+USAGE_CASES = [  # (case name, the command line, the message): click's own checks, one line too
+    ("not_a_number_lora", ["lora", "--rank", "abc"],
+     "Invalid value for '--rank': 'abc' is not a valid integer. (`cultvlm lora --help` lists the options)"),
+    ("unknown_option_data", ["data", "build", "--bogus"],
+     "No such option '--bogus'. Did you mean '--out'? (`cultvlm data build --help` lists the options)"),
+    ("unknown_command", ["lroa"], "No such command 'lroa'. Did you mean 'lora'? (`cultvlm --help` lists the options)"),
+    ("missing_image_generate", ["generate", "--model", "tiny-4bit"],
+     "Missing argument 'IMAGES...'. (`cultvlm generate --help` lists the options)"),
+]
 GENERATE_WITH_ADAPTER = GENERATE + ["--adapter", "adapters/good"]
 EVAL_WITH_ADAPTER = EVAL + ["--adapter", "adapters/good"]
 DAMAGED_ADAPTERS = [  # (case name, the damage, the message)
@@ -409,6 +418,8 @@ CASES = [
     *[case(f"cli_{name}", "settings", f"`{' '.join(flags)}`", command + flags, 1, [f"Error: {message}"],
            "refused before the model loads; nothing written")
       for name, command, flags, message in CLI_CASES],
+    *[case(f"usage_{name}", "settings", f"`cultvlm {' '.join(args)}`", args, 2, [f"Error: {message}"],
+           "nothing read, nothing written") for name, args, message in USAGE_CASES],
     case("yaml_list_lora", "settings", "A LoRA config that is a list, not a mapping",
          ["lora", "--config", "run.yaml"], 1, ["Error: run.yaml: expected a mapping of option: value"],
          "refused before the model loads; nothing written"),

@@ -106,7 +106,7 @@ def test_bad_input(case, workspace, request):
     run = SETUPS[case.id](workspace, request, case) or Run()
     before = snapshot(workspace)
     args = [fill(a, run.placeholders) for a in case.args]
-    result = CliRunner().invoke(main, args, env=run.env)
+    result = CliRunner().invoke(main, args, env=run.env, prog_name="cultvlm")
     output = result.output
     # Each stream on its own: a progress bar's closing newline on stderr may reach the mixed
     # `output` after what stdout printed next.
@@ -637,6 +637,11 @@ def bad_flag(ws, request, case):
     else:
         small_training_setup(ws, request, steps=1)
     return nothing_written("adapters", "runs")
+
+
+@setup(*[f"usage_{name}" for name, *_ in errors_doc.USAGE_CASES])
+def usage_mistake(ws, request, case):
+    return nothing_written("adapters", "data/manifest.jsonl")
 
 
 @setup("yaml_list_lora", "yaml_not_utf8_lora")
