@@ -101,6 +101,8 @@ def generate(images, model, adapter, prompt, max_tokens, temp, max_pixels, min_p
 @click.option("--max-seq-len", type=int)
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None)
 @click.option("--compile/--no-compile", "compile_step", default=None, help="mx.compile the language-model step")
+@click.option("--feature-cache/--no-feature-cache", default=None,
+              help="keep each image's vision features between epochs (faster; memory grows with the images)")
 @click.option("--seed", type=int)
 @click.option("--val-every", type=int, help="validation loss every N steps")
 @click.option("--save-every", type=int, help="checkpoint every N steps")

@@ -417,6 +417,7 @@ class Choice:
     peak: int
     pixels_headroom: int  # the largest pixel budget that would fit at this batch
     batch_headroom: int  # the largest batch (up to MAX_BATCH) that would fit at these pixels
+    feature_cache: bool = True
 
 
 MAX_BATCH = 64
@@ -437,17 +438,24 @@ def recommend(memory_gb: float, models=PLAN_MODELS, rank: int = 16, max_pixels: 
     Less memory never gives a larger model, nor (for the same model) more pixels, nor (for the
     same model and pixels) a larger batch. None if nothing fits."""
     budget = memory_gb * GB * usable
-    ckpts = [grad_checkpoint] if grad_checkpoint is not None else [False, True]
+    # How a step saves memory, cheapest first: gradient checkpointing recomputes each layer,
+    # and without the feature cache the frozen tower runs on every image again each epoch; both
+    # cost time, and a smaller model would cost what it knows.
+    savings = [(False, True), (True, True), (False, False), (True, False)]
+    if grad_checkpoint is not None:
+        savings = [(c, cache) for c, cache in savings if c == grad_checkpoint]
     archs = {name: preset_arch(name) for name in models}
 
-    def ok(name, pixels, b, ckpt):
-        arch, bits = archs[name]
-        step = Step(bits=bits, rank=rank, batch=b, image_tokens=tokens_for_pixels(pixels),
-                    text_tokens=text_tokens, grad_checkpoint=ckpt, cached_images=images)
-        return fits(predict_training(arch, step).total, budget)
+    def step(name, pixels, b, saving):
+        ckpt, cache = saving
+        return Step(bits=archs[name][1], rank=rank, batch=b, image_tokens=tokens_for_pixels(pixels),
+                    text_tokens=text_tokens, grad_checkpoint=ckpt, cached_images=images if cache else 0)
+
+    def ok(name, pixels, b, saving):
+        return fits(predict_training(archs[name][0], step(name, pixels, b, saving)).total, budget)
 
     def trains(name, pixels, b=1):
-        return any(ok(name, pixels, b, c) for c in ckpts)
+        return any(ok(name, pixels, b, s) for s in savings)
 
     name = next((m for m in models if trains(m, max_pixels)), None)
     if name is None:
@@ -456,13 +464,11 @@ def recommend(memory_gb: float, models=PLAN_MODELS, rank: int = 16, max_pixels: 
             return None
     pixels = max(p for p in pixel_budgets(max_pixels) if trains(name, p))
     b = max(n for n in range(1, batch + 1) if trains(name, pixels, n))
-    ckpt = next(c for c in ckpts if ok(name, pixels, b, c))
-    arch, bits = archs[name]
-    peak = predict_training(arch, Step(bits=bits, rank=rank, batch=b, image_tokens=tokens_for_pixels(pixels),
-                                       text_tokens=text_tokens, grad_checkpoint=ckpt, cached_images=images)).total
-    more_pixels = max([pixels] + [p for p in pixel_budgets(QWEN_MAX_PIXELS) if ok(name, p, b, ckpt)])
-    more_batch = max(n for n in range(1, MAX_BATCH + 1) if n <= b or ok(name, pixels, n, ckpt))
-    return Choice(name, pixels, b, ckpt, peak, more_pixels, more_batch)
+    saving = next(s for s in savings if ok(name, pixels, b, s))
+    peak = predict_training(archs[name][0], step(name, pixels, b, saving)).total
+    more_pixels = max([pixels] + [p for p in pixel_budgets(QWEN_MAX_PIXELS) if ok(name, p, b, saving)])
+    more_batch = max(n for n in range(1, MAX_BATCH + 1) if n <= b or ok(name, pixels, n, saving))
+    return Choice(name, pixels, b, saving[0], peak, more_pixels, more_batch, feature_cache=saving[1])
 
 
 def _gb(n: int) -> str:
@@ -515,6 +521,7 @@ def recommendation_line(choice: Choice | None, models, memory_gb: float, usable:
                     + ("+" if choice.batch_headroom == MAX_BATCH else ""))
     return (f"recommendation: cultvlm lora --model {choice.model} --max-pixels {choice.max_pixels} "
             f"--batch-size {choice.batch}{' --grad-checkpoint' if choice.grad_checkpoint else ''}"
+            f"{'' if choice.feature_cache else ' --no-feature-cache'}"
             f" (peak {_gb(choice.peak)} GB, images up to {_shape(choice.max_pixels)}"
             + (f"; {', '.join(cut)}" if cut else "")
             + (f"; room for {' or '.join(room)}" if room else "") + ")")

@@ -25,8 +25,9 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_cultvlm import lora
 from mlx_cultvlm.errors import CultvlmError
 from mlx_cultvlm.models import build_random_model, real_config
+from mlx_cultvlm.images import DEFAULT_MAX_PIXELS
 from mlx_cultvlm.plan import (GB, PLAN_MODELS, USABLE, Arch, Step, fits, plan_command, predict_inference,
-                              predict_training, recommend, TEXT_LINEARS)
+                              predict_training, recommend, recommendation_line, TEXT_LINEARS)
 from mlx_cultvlm.samples import Batch
 from mlx_cultvlm.tiny import QWEN_OTHER_ADDED_TOKENS, QWEN_SPECIAL_TOKENS, TinySpec, _model_config, build_tokenizer
 
@@ -274,3 +275,15 @@ def test_less_memory_never_recommends_more():
     assert {"7b", "7b-4bit", "3b-4bit", None} <= seen  # the sweep did move through the range
     big, small = recommend(64.0), recommend(8.0)
     assert order[big.model] < order[small.model]
+
+
+def test_the_feature_cache_goes_before_the_model_does():
+    """5,000 training images' vision features are 8.5 GB on 7B: the recommendation drops the
+    cache (a slower epoch) rather than the model (what it knows)."""
+    few, many = recommend(24.0, images=0), recommend(24.0, images=5000)
+    assert few.model == many.model == "7b-8bit"
+    assert few.feature_cache and not many.feature_cache
+    assert "--no-feature-cache" in recommendation_line(many, PLAN_MODELS, 24.0, USABLE, DEFAULT_MAX_PIXELS, 1)
+    assert "--no-feature-cache" not in recommendation_line(few, PLAN_MODELS, 24.0, USABLE, DEFAULT_MAX_PIXELS, 1)
+    assert recommend(24.0, models=("7b-4bit",), images=5000).feature_cache is False
+    assert recommend(24.0, models=("7b-4bit",), images=1000).feature_cache is True
