@@ -1,8 +1,7 @@
 """`cultvlm convert`: Hugging Face Qwen2.5-VL weights -> an MLX folder, optionally quantized.
 
 mlx-vlm does the conversion itself (weight renaming, conv layout, quantization). This module
-adds what it lacks: a download limited to safetensors + configs with a clear offline error,
-a check of the source before any work, a write that never leaves a half-made model where a
+adds what it lacks: a check of the source before any work, a write that never leaves a half-made model where a
 loader would find it, and a record (`cultvlm_convert.json`) of what was done and what was
 left unquantized.
 
@@ -20,29 +19,10 @@ from pathlib import Path
 
 from .errors import CultvlmError
 from .files import check_complete, check_out_apart, check_replaceable, model_folder, output_lock, write_json
-from .models import PRESETS, TINY_SOURCE, check_model_folder, looks_like_repo_id, models_dir, tiny_hf_dir
+from .models import (PRESETS, TINY_SOURCE, check_model_folder, download, looks_like_repo_id, models_dir,
+                     tiny_hf_dir)
 
-# Weights, configs and tokenizer files only: no code (*.py) and no pickles (*.bin, *.pt).
-ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 GROUP_SIZES = (32, 64, 128)
-
-
-def download(repo_id: str, revision: str | None = None) -> Path:
-    """snapshot_download (resumable, with progress) into the Hugging Face cache."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
-    except LocalEntryNotFoundError:
-        include = " ".join(f'--include "{p}"' for p in ALLOW_PATTERNS)
-        raise CultvlmError(
-            f"{repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
-            f"cannot be reached (offline?). Download it where there is internet with "
-            f"`hf download {repo_id} {include}` and copy the cache here, or pass a local "
-            f"folder with --hf-path") from None
-    except HfHubHTTPError as e:
-        raise CultvlmError(f"{repo_id}: Hugging Face Hub refused the download ({e})") from None
 
 
 def _revision_of(folder: Path) -> str | None:

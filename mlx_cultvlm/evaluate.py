@@ -274,7 +274,8 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     with `drop_trained` left out and counted in run.json."""
     from tqdm import tqdm
 
-    from .generate import check_decoding, float32_language_model_on_cpu, load_model
+    from .generate import check_decoding
+    from .vlm import float32_language_model_on_cpu, load_model
     from .metrics import compute_metrics
     from .score import AnswerScorer
 

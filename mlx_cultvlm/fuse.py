@@ -31,7 +31,7 @@ def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, fo
     from mlx_lm.tuner.lora import LoRALinear
     from mlx_vlm.utils import save_config, save_weights
 
-    from .generate import load_model
+    from .vlm import load_model
     from .models import resolve_model
 
     out = Path(out)

@@ -6,11 +6,20 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import click
+import mlx.core as mx
+import mlx_vlm
+import numpy as np
+from mlx_vlm.models.cache import KVCache
+from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
+
 from .errors import CultvlmError
 from .images import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget, fit_to_budget, load_image,
                      num_image_tokens)
-from .models import check_model_folder, resolve_model
+from .samples import IMAGE_PAD, VISION_END
 from .settings import Count, NonNegative, NonNegativeCount, checked, settings_class
+from .vlm import (float32_language_model_on_cpu, image_features, image_gather_index, lm_head, load_model,
+                  with_image_features)
 
 DEFAULT_PROMPT = "Кто изображён на картинке?"
 # Qwen's control tokens (<|image_pad|>, <|im_end|>, ...): the chat template places them; in a
@@ -40,32 +49,6 @@ def check_decoding(question: str | None = None, **values) -> Decoding:
     return decoding
 
 
-def load_model(model: str, adapter: str | None = None, models_root: str | None = None):
-    """(model, processor) from a preset, folder or repo id; weights from safetensors only."""
-    import mlx_vlm
-
-    folder = resolve_model(model, models_root)
-    check_model_folder(folder)
-    model_obj, processor = mlx_vlm.load(str(folder), trust_remote_code=False)
-    if adapter is not None:
-        from .lora import load_adapter
-
-        load_adapter(model_obj, folder, adapter)
-    return model_obj, processor
-
-
-def float32_language_model_on_cpu(model) -> None:
-    """On the CPU, let the language model compute in float32 (its 4-bit weights stay 4-bit; a
-    bfloat16 value is exact in float32). MLX's CPU 4-bit matmul converts bfloat16 element by
-    element: one row through a 2048x11008 matrix of 3B takes 157 ms with bfloat16 activations,
-    17 ms with float32 (docs/EVAL.md). The unquantized vision tower keeps its dtype: its dense
-    bfloat16 matmuls are the faster ones there. On a GPU nothing changes."""
-    import mlx.core as mx
-
-    if mx.default_device() == mx.cpu:
-        model.language_model.set_dtype(mx.float32)
-
-
 REFERENCE_INTRO = "Образцы (reference pictures):\n"
 QUESTION_INTRO = "Вопрос о следующей картинке (the question is about this picture):\n"
 
@@ -87,8 +70,6 @@ def build_prompt(processor, question: str, references: list[str] = ()) -> str:
 def only_real_tokens(n_tokens: int):
     """A logits processor that never picks an id past the tokenizer's last token: the
     embedding has spare rows (151936 rows for 151665 tokens in 3B) that decode to nothing."""
-    import mlx.core as mx
-
     def process(tokens, logits):
         if logits.shape[-1] <= n_tokens:
             return logits
@@ -101,8 +82,6 @@ def run_side_by_side(jobs: list, streams: list | None = None) -> list:
     stream): every round each job builds its next step and yields what it needs evaluated, and
     one `mx.eval` runs them all, so MLX computes different streams side by side. Returns each
     job's result. One thread: MLX streams used from other threads can abort the process at exit."""
-    import mlx.core as mx
-
     streams = streams or [mx.default_stream(mx.default_device())] * len(jobs)
     results, live = [None] * len(jobs), list(range(len(jobs)))
     while live:
@@ -129,13 +108,6 @@ def answer_steps(model, processor, images: list, questions: list[str], max_token
     the language model once; each question continues from a copy of that key/value cache.
     Prefixes of different lengths are padded on the left, questions of one length run together,
     and every gap is masked, so every row computes what it would alone."""
-    import mlx.core as mx
-    import numpy as np
-    from mlx_vlm.models.cache import KVCache
-
-    from .lora import image_features, image_gather_index, lm_head, with_image_features
-    from .samples import IMAGE_PAD, VISION_END
-
     tok, lm = processor.tokenizer, model.language_model
     number = {}  # id(picture) -> its row among the distinct pictures
     picture = [number.setdefault(id(image), len(number)) for image in images]
@@ -250,8 +222,6 @@ def answer_steps(model, processor, images: list, questions: list[str], max_token
 
 def _detokenize(processor, ids: list[int]) -> str:
     """Text as the streaming path assembles it (partial UTF-8 bytes included)."""
-    from mlx_vlm.tokenizer_utils import make_streaming_detokenizer
-
     detokenizer = make_streaming_detokenizer(processor)
     for token in ids:
         detokenizer.add_token(token)
@@ -265,8 +235,6 @@ def stream_answer(model, processor, image_path: str | Path, question: str = DEFA
                   max_pixels: int = DEFAULT_MAX_PIXELS, references: list[tuple] = ()) -> Iterator[str]:
     """Yield the answer's text piece by piece as tokens are generated. `references`: (image
     path, label) pairs shown before the picture (`build_prompt`)."""
-    import mlx_vlm
-
     check_budget(min_pixels, max_pixels)
     shown = [fit_to_budget(load_image(path), min_pixels, max_pixels) for path, _ in references]
     image = fit_to_budget(load_image(image_path), min_pixels, max_pixels)
@@ -281,9 +249,6 @@ def generate(images: list[str], model: str, adapter: str | None, question: str, 
              temperature: float, min_pixels: int, max_pixels: int, seed: int,
              models_root: str | None = None) -> dict[str, str]:
     """Print each image's answer as it streams; return them all."""
-    import click
-    import mlx.core as mx
-
     check_decoding(question, max_tokens=max_tokens, temperature=temperature, min_pixels=min_pixels,
                    max_pixels=max_pixels, seed=seed)
     for path in images:  # fail before loading the model if any image is bad

@@ -26,22 +26,22 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+import yaml
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from pydantic import Field
+from tqdm import tqdm
 
 from .data.check import TRAINED_ON, read_training_record, training_record
 from . import settings
 from .errors import CultvlmError
-from .files import check_out_apart, incomplete_safetensors, output_lock, remove_own, write_json
+from .files import check_out_apart, output_lock, partial_folder, remove_own, replace_folder, write_json
 from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, check_budget
-from .plan import GB  # binary, as the memory plan counts: Apple's "24 GB" is 24 GiB
+from .models import read_config, resolve_model
+from .plan import GB, Arch, Step, feature_cache_bytes, predict_training  # GB: binary, as Apple's "24 GB"
 from .settings import Count, Fraction, Names, NonNegative, NonNegativeCount, Positive, settings_class
 from .samples import MIX_KINDS, Batch, Sample, SampleEncoder, load_split, make_batch, preprocess
-
-TEXT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VISION_LINEARS = {"merger": ["merger.mlp.0", "merger.mlp.2"],
-                  "all": ["merger.mlp.0", "merger.mlp.2", "attn.qkv", "attn.proj",
-                          "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+from .vlm import (TEXT_LINEARS, VISION_LINEARS, attach_lora, base_identity, image_features, image_gather_index,
+                  lm_head, load_model, with_image_features)
 
 
 @settings_class
@@ -92,8 +92,6 @@ def load_config(yaml_path: str | None, overrides: dict) -> LoraConfig:
     """Defaults, then the YAML file, then command-line flags (those not None)."""
     values = {}
     if yaml_path:
-        import yaml
-
         try:
             loaded = yaml.safe_load(Path(yaml_path).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -138,36 +136,6 @@ def resolve_targets(model, cfg: LoraConfig) -> list[str]:
     return sorted(set(keys), key=lambda n: list(modules).index(n))
 
 
-def attach_lora(model, keys: list[str], rank: int, scale: float, dropout: float) -> None:
-    """Freeze the whole model and wrap each named linear in mlx-lm's LoRALinear (which also
-    wraps QuantizedLinear: that is QLoRA)."""
-    from mlx_lm.tuner.lora import LoRALinear
-
-    model.freeze()
-    modules = dict(model.named_modules())
-    wrapped = []
-    for key in keys:
-        layer = modules.get(key)
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-            raise CultvlmError(f"LoRA target {key}: not a linear layer of this model")
-        wrapped.append((key, LoRALinear.from_base(layer, r=rank, dropout=dropout, scale=scale)))
-    model.update_modules(tree_unflatten(wrapped))
-
-
-def base_identity(model_dir: Path) -> dict:
-    """What an adapter must match: the architecture and quantization of its base."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    q = config.get("quantization") or {}
-    return {
-        "model": str(model_dir),
-        "hidden_size": config.get("hidden_size"),
-        "num_hidden_layers": config.get("num_hidden_layers"),
-        "vocab_size": config.get("vocab_size"),
-        "vision_hidden_size": config.get("vision_config", {}).get("hidden_size"),
-        "quantization": {"bits": q.get("bits"), "group_size": q.get("group_size")} if q else None,
-    }
-
-
 def adapter_config(cfg: LoraConfig, keys: list[str], base: dict) -> dict:
     """adapter_config.json as stock mlx_vlm.load(..., adapter_path=...) reads it."""
     return {
@@ -179,93 +147,7 @@ def adapter_config(cfg: LoraConfig, keys: list[str], base: dict) -> dict:
     }
 
 
-def read_adapter_weights(path: Path) -> dict:
-    """An adapter's arrays, or one line saying the file is damaged or holds NaN/inf."""
-    damaged = [d for d in incomplete_safetensors(path.parent) if d.startswith(path.name + " ")]
-    try:
-        weights = {} if damaged else mx.load(str(path))
-    except (RuntimeError, ValueError, OSError) as e:
-        damaged = [f"{path.name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
-    if damaged or not weights:
-        raise CultvlmError(f"{path}: damaged: {damaged[0] if damaged else 'it holds no tensors'}; copy it "
-                           "again, or train again (--resume continues from the last checkpoint)")
-    not_finite = [k for k, v in weights.items() if not mx.all(mx.isfinite(v)).item()]
-    if not_finite:
-        raise CultvlmError(f"{path}: {len(not_finite)} tensor(s) hold NaN or infinite values ({not_finite[0]}, "
-                           "...): a run that diverged; train again with a lower learning_rate")
-    return weights
-
-
-def load_adapter(model, model_dir: Path, adapter_dir: str | Path) -> dict:
-    """Attach and load a saved adapter, checking base model, names and shapes strictly."""
-    adapter_dir = Path(adapter_dir)
-    config_path, weights_path = adapter_dir / "adapter_config.json", adapter_dir / "adapters.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CultvlmError(f"{path}: missing (not an adapter folder)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        params = config["lora_parameters"]
-        keys, rank, scale, dropout = params["keys"], params["rank"], params["scale"], params["dropout"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CultvlmError(f"{config_path}: not a LoRA adapter config ({e})") from None
-    trained_on, here = config.get("base_model") or {}, base_identity(model_dir)
-    for dim in ("hidden_size", "num_hidden_layers", "vocab_size", "vision_hidden_size"):
-        if dim in trained_on and trained_on[dim] != here[dim]:
-            raise CultvlmError(
-                f"{adapter_dir}: trained on a different base model ({dim} {trained_on[dim]} "
-                f"at {trained_on.get('model')}, this model {here[dim]} at {model_dir})")
-    if "quantization" in trained_on and trained_on["quantization"] != here["quantization"]:
-        print(f"note: {adapter_dir} was trained on a base quantized as {trained_on['quantization']}, "
-              f"this one is {here['quantization']}; answers may differ slightly")
-    modules = dict(model.named_modules())
-    missing = [k for k in keys if k not in modules]
-    if missing:
-        raise CultvlmError(f"{adapter_dir}: adapter targets layers this model lacks: {missing[:3]}")
-    attach_lora(model, keys, rank, scale, dropout)
-    weights = read_adapter_weights(weights_path)
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    problems = [f"missing {k}" for k in expected if k not in weights]
-    problems += [f"unexpected {k}" for k in weights if k not in expected]
-    problems += [f"{k}: shape {tuple(weights[k].shape)} != {tuple(v.shape)}"
-                 for k, v in expected.items() if k in weights and weights[k].shape != v.shape]
-    if problems:
-        raise CultvlmError(f"{weights_path}: does not fit this model: {'; '.join(problems[:4])}"
-                           + (f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""))
-    model.load_weights(list(weights.items()), strict=False)
-    model.eval()
-    return config
-
-
 # ---------------------------------------------------------------- forward and loss
-
-def image_features(model, pixel_values: mx.array, grid: mx.array) -> mx.array:
-    dtype = model.vision_tower.patch_embed.proj.weight.dtype
-    return model.vision_tower(pixel_values.astype(dtype), grid, output_hidden_states=False)
-
-
-def lm_head(model, h: mx.array) -> mx.array:
-    lm = model.language_model
-    if hasattr(lm, "lm_head"):
-        return lm.lm_head(h)
-    return lm.model.embed_tokens.as_linear(h)
-
-
-def image_gather_index(ids: np.ndarray, image_pad_id: int) -> np.ndarray:
-    """For `with_image_features`: row i of the flattened [B*L] embeddings, or B*L + j for the
-    j-th image-pad token (its image feature)."""
-    image_rows = np.nonzero(ids.reshape(-1) == image_pad_id)[0]
-    index = np.arange(ids.size, dtype=np.int32)
-    index[image_rows] = ids.size + np.arange(len(image_rows), dtype=np.int32)
-    return index
-
-
-def with_image_features(embeds: mx.array, features: mx.array, gather_index: mx.array) -> mx.array:
-    """The token embeddings [B, L, D] with the image-pad rows replaced by the features, in one gather."""
-    B, L, D = embeds.shape
-    flat = mx.concatenate([embeds.reshape(B * L, D), features.astype(embeds.dtype)])
-    return flat[gather_index].reshape(B, L, D)
-
 
 def batch_loss(model, input_ids, features, gather_index, position_ids, target_rows, targets, weights):
     """(sum of cross-entropy over target tokens, their count). Image features replace the
@@ -378,8 +260,6 @@ def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
 def memory_plan_line(model_dir: Path, model, cfg: LoraConfig, samples: list[Sample], cached: bool) -> str:
     """`cultvlm plan`'s formula for this run's real sequences and feature cache, before the
     first step: the plan's defaults (64 text tokens, --images) may be far from the data."""
-    from .models import read_config
-    from .plan import Arch, Step, feature_cache_bytes, predict_training
 
     config = read_config(model_dir)
     pad = config.get("image_token_id")
@@ -531,7 +411,6 @@ def save_arrays(path: Path, arrays: dict) -> None:
 def save_checkpoint(folder: Path, model, optimizer, state: dict) -> None:
     """Adapters, optimizer state, step and data position, written to a partial folder and
     renamed into place: a killed run leaves the previous checkpoint or the new one."""
-    from .files import partial_folder, replace_folder
 
     partial = folder.with_name(f".{folder.name}.partial")
     try:
@@ -596,8 +475,6 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
           progress: bool = True, profile: bool = False) -> TrainResult:
     """Run (or resume) a LoRA training. `stop_after` ends the run after that many optimizer
     steps as if it had been killed (for tests); `profile` times each stage of every step."""
-    from .generate import load_model
-    from .models import read_config, resolve_model
 
     out = Path(cfg.out)
     data = Path(cfg.data)
@@ -652,8 +529,6 @@ def train(cfg: LoraConfig, resume: bool = False, force: bool = False, stop_after
 
 def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys, model_dir,
                 resume, stop_after, progress, world, say, timer: StageTimer | None) -> TrainResult:
-    from tqdm import tqdm
-
     rank, ranks = (world.rank(), world.size()) if world else (0, 1)
     lead = rank == 0
     model.train()
@@ -811,13 +686,11 @@ def _save_adapters(out: Path, model, config: dict, trained: dict) -> None:
 
 
 def _yaml(obj: dict) -> str:
-    import yaml
-
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True)
 
 
 def _plot_losses(log_path: Path, png: Path, n_train: int, n_valid: int) -> None:
-    import matplotlib
+    import matplotlib  # deferred: a second of import for the one plot at the end of a run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,7 +1,8 @@
 """Model presets, where converted models live, and how a `--model` argument is resolved.
 
 `--model` takes a preset (`7b-4bit`), a local folder (MLX or Hugging Face layout), or a Hugging
-Face repo id (`Qwen/Qwen2.5-VL-3B-Instruct`, downloaded to the Hugging Face cache).
+Face repo id (`Qwen/Qwen2.5-VL-3B-Instruct`, downloaded to the Hugging Face cache: safetensors and
+configs only, with a clear error offline).
 """
 
 from __future__ import annotations
@@ -166,6 +167,28 @@ def _disagreement(config: dict, shapes: dict[str, tuple]) -> str | None:
     return None
 
 
+# Weights, configs and tokenizer files only: no code (*.py) and no pickles (*.bin, *.pt).
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+
+
+def download(repo_id: str, revision: str | None = None) -> Path:
+    """snapshot_download (resumable, with progress) into the Hugging Face cache."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except LocalEntryNotFoundError:
+        include = " ".join(f'--include "{p}"' for p in ALLOW_PATTERNS)
+        raise CultvlmError(
+            f"{repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub "
+            f"cannot be reached (offline?). Download it where there is internet with "
+            f"`hf download {repo_id} {include}` and copy the cache here, or pass a local "
+            f"folder with --hf-path") from None
+    except HfHubHTTPError as e:
+        raise CultvlmError(f"{repo_id}: Hugging Face Hub refused the download ({e})") from None
+
+
 def resolve_model(model: str, models_root: str | Path | None = None) -> Path:
     """The local folder for a --model argument, downloading a repo id if needed."""
     if model in PRESETS:
@@ -181,8 +204,6 @@ def resolve_model(model: str, models_root: str | Path | None = None) -> Path:
             raise CultvlmError(f"{path}: --model must be a folder, a preset or a repo id")
         return path
     if looks_like_repo_id(model):
-        from .convert import download
-
         return download(model)
     raise CultvlmError(
         f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}), "

@@ -38,7 +38,8 @@ from mlx_cultvlm.convert import convert
 from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
 from mlx_cultvlm.evaluate import items_for_image
-from mlx_cultvlm.generate import float32_language_model_on_cpu, load_model, stream_answer
+from mlx_cultvlm.generate import stream_answer
+from mlx_cultvlm.vlm import float32_language_model_on_cpu, load_model
 from mlx_cultvlm.tiny import TinySpec, build_tiny_qwen
 
 ROOT = Path(__file__).resolve().parent.parent

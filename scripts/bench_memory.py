@@ -42,7 +42,8 @@ def measure(size: str, text_layers: int, vision_blocks: int, checkpoint: bool) -
     import numpy as np
     from mlx.utils import tree_flatten, tree_map
 
-    from mlx_cultvlm.lora import LoraConfig, attach_lora, make_grad_fn, resolve_targets, step_inputs
+    from mlx_cultvlm.lora import LoraConfig, make_grad_fn, resolve_targets, step_inputs
+    from mlx_cultvlm.vlm import attach_lora
     from mlx_cultvlm.models import build_random_model, real_config
     from mlx_cultvlm.samples import Batch
 

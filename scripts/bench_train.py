@@ -194,7 +194,7 @@ def same_evaluator(job: dict) -> dict:
     length of every training sample and, for mlx-vlm, whether its tokenization is the same."""
     import numpy as np
 
-    from mlx_cultvlm.generate import load_model
+    from mlx_cultvlm.vlm import load_model
     from mlx_cultvlm.images import DEFAULT_MIN_PIXELS
     from mlx_cultvlm.lora import evaluate_loss
     from mlx_cultvlm.samples import SampleEncoder, load_split
@@ -236,7 +236,8 @@ def parity(model, encoder, samples, items) -> dict:
     from mlx.utils import tree_flatten
     from mlx_vlm.trainer.vlm.sft.runtime import collate_vlm_batch, vlm_sft_loss
 
-    from mlx_cultvlm.lora import batch_loss, image_features, step_inputs
+    from mlx_cultvlm.lora import batch_loss, step_inputs
+    from mlx_cultvlm.vlm import image_features
     from mlx_cultvlm.samples import make_batch
 
     s = step_inputs(model, make_batch(samples, encoder), encoder.image_pad_id)

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
     from mlx_cultvlm.errors import CultvlmError
     from mlx_cultvlm.files import write_json
-    from mlx_cultvlm.generate import load_model
+    from mlx_cultvlm.vlm import load_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)

@@ -17,7 +17,7 @@ from mlx_cultvlm.data.questions import EVAL_QUESTIONS
 from mlx_cultvlm.evaluate import generate_answers
 from mlx_cultvlm.metrics import naming
 from mlx_cultvlm.report import fig_text
-from mlx_cultvlm.generate import load_model
+from mlx_cultvlm.vlm import load_model
 from mlx_cultvlm.score import AnswerScorer
 
 CATALOG = {raw["id"]: Entity(**raw) for raw in characters.DEMO_CATALOG["entities"]}

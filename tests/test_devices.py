@@ -8,7 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
-from mlx_cultvlm import demo, evaluate, generate, lora
+from mlx_cultvlm import demo, evaluate, lora, vlm
 
 
 @pytest.fixture
@@ -28,14 +28,14 @@ class _Model(nn.Module):
 
 def test_language_model_stays_bf16_on_a_gpu(on_gpu):
     model = _Model()
-    generate.float32_language_model_on_cpu(model)
+    vlm.float32_language_model_on_cpu(model)
     assert model.language_model.weight.dtype == mx.bfloat16
 
 
 def test_language_model_goes_float32_on_the_cpu(monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
     model = _Model()
-    generate.float32_language_model_on_cpu(model)
+    vlm.float32_language_model_on_cpu(model)
     assert model.language_model.weight.dtype == mx.float32
 
 

@@ -17,7 +17,8 @@ from mlx_cultvlm.data.catalog import load_catalog
 from mlx_cultvlm.errors import CultvlmError
 from mlx_cultvlm.data.questions import EVAL_QUESTIONS, training_phrasings
 from mlx_cultvlm.evaluate import cpu_cores, evaluate, generate_answers, items_from_dataset
-from mlx_cultvlm.generate import float32_language_model_on_cpu, load_model, stream_answer
+from mlx_cultvlm.generate import stream_answer
+from mlx_cultvlm.vlm import float32_language_model_on_cpu, load_model
 
 CATALOG = str(Path(__file__).resolve().parent.parent / "data" / "entities.json")
 
@@ -131,7 +132,7 @@ def test_a_process_that_shared_out_a_batch_exits_cleanly(tiny_4bit, dataset):
     code = f"""
 import mlx_cultvlm.evaluate as e
 from mlx_cultvlm.data.catalog import load_catalog
-from mlx_cultvlm.generate import load_model
+from mlx_cultvlm.vlm import load_model
 e.let_cpu_streams_overlap()  # as eval runs
 e.cpu_cores = lambda: 2
 probe = e.items_from_dataset(__import__("pathlib").Path({str(root)!r}), "test", load_catalog({CATALOG!r}))[::5][:10]

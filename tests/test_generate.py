@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import make_image
 from mlx_cultvlm.cli import main
-from mlx_cultvlm.generate import build_prompt, load_model, stream_answer
+from mlx_cultvlm.generate import build_prompt, stream_answer
+from mlx_cultvlm.vlm import load_model
 from mlx_cultvlm.images import fit_to_budget, load_image
 
 

@@ -13,9 +13,11 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_cultvlm.cli import main
 from mlx_cultvlm.errors import CultvlmError
-from mlx_cultvlm.generate import build_prompt, load_model
+from mlx_cultvlm.generate import build_prompt
+from mlx_cultvlm.vlm import load_model
 from mlx_cultvlm.images import fit_to_budget, load_image, num_image_tokens
-from mlx_cultvlm.lora import batch_loss, image_features, load_config, step_inputs, train
+from mlx_cultvlm.lora import batch_loss, load_config, step_inputs, train
+from mlx_cultvlm.vlm import image_features
 from mlx_cultvlm.samples import SampleEncoder, load_split, make_batch
 from conftest import PIXELS, TARGETS, accuracy, config
 from synthetic import QUESTION

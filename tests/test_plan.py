@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_cultvlm import lora
+from mlx_cultvlm import lora, vlm
 from mlx_cultvlm.errors import CultvlmError
 from mlx_cultvlm.models import build_random_model, real_config
 from mlx_cultvlm.images import DEFAULT_MAX_PIXELS
@@ -92,7 +92,7 @@ def measure_training_step(config: dict, side=224, text=64, target=32, batch=1, r
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     cfg = lora.LoraConfig(data="-", rank=rank, alpha=2 * rank, dropout=0.0, targets=list(targets))
     mx.random.seed(0)
-    lora.attach_lora(model, lora.resolve_targets(model, cfg), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
+    vlm.attach_lora(model, lora.resolve_targets(model, cfg), cfg.rank, cfg.alpha / cfg.rank, cfg.dropout)
     layer_class = type(model.language_model.model.layers[0])
     plain_call = layer_class.__call__
     if grad_checkpoint:
@@ -133,7 +133,7 @@ def test_parameter_counts_are_the_models():
         config = spec_config(spec)
         model = build_random_model(config)  # lazy: nothing is allocated
         assert Arch.from_config(config).params() == sum(p.size for _, p in tree_flatten(model.parameters()))
-    assert TEXT_LINEARS == tuple(lora.TEXT_LINEARS)
+    assert TEXT_LINEARS == tuple(vlm.TEXT_LINEARS)
 
 
 def test_every_bench_memory_measurement_is_predicted_within_15_percent():

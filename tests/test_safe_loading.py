@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlx_cultvlm.cli import main
-from mlx_cultvlm.convert import ALLOW_PATTERNS
+from mlx_cultvlm.models import ALLOW_PATTERNS
 
 
 def test_downloads_take_no_code_and_no_pickles():
