@@ -70,13 +70,15 @@ THRESHOLDS = [  # (what, run, measured figure, at most / at least, value)
 ]
 
 
-def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: dict | None = None,
-             base_dir: Path = BASE_DIR, split: str = "test", recipe: dict | None = None) -> bool:
-    """The demo in `out`; True when every threshold is met. Finished steps are redone only if
-    their output is missing (a second run skips to where the first stopped). `split` and
-    `recipe` (LORA's keys to change) are for choosing the recipe on the validation split."""
+def run_demo(cultvlm: click.Group, out: Path, seed: int = 0, lora_steps: int | None = None,
+             pictures: dict | None = None, base_dir: Path = BASE_DIR, split: str = "test",
+             recipe: dict | None = None) -> bool:
+    """The demo in `out`, its steps run as the command lines a user would type into `cultvlm`
+    (the click group, passed in: the command line sits above this module); True when every
+    threshold is met. Finished steps are redone only if their output is missing (a second run
+    skips to where the first stopped). `split` and `recipe` (LORA's keys to change) are for
+    choosing the recipe on the validation split."""
     from . import characters
-    from .cli import main
     from .data.catalog import load_catalog
     from .files import write_json
 
@@ -159,7 +161,7 @@ def run_demo(out: Path, seed: int = 0, lora_steps: int | None = None, pictures: 
         if launched:
             launch(args, out / "lora_ranks.log")
         else:
-            main.main(args, standalone_mode=False)
+            cultvlm.main(args, standalone_mode=False)
     return summary(runs, out / "report", time.perf_counter() - started)
 
 
@@ -260,5 +262,5 @@ def summary(runs: Path, report: Path, seconds: float) -> bool:
 @click.option("--seed", type=int, default=0, show_default=True, help="draws the pictures and seeds training")
 def command(out, seed):
     """The whole story offline: teach a tiny model six drawn characters, evaluate, report."""
-    if not run_demo(Path(out), seed=seed):
+    if not run_demo(click.get_current_context().find_root().command, Path(out), seed=seed):
         raise SystemExit(1)

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlx_cultvlm.cli import main as cultvlm
 from mlx_cultvlm.demo import THRESHOLDS, measure, run_demo
 from mlx_cultvlm.experiment import summarize
 from mlx_cultvlm.files import write_json
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = out / f"seed-{seed}"
         print(f"\n=== seed {seed}: {folder} ===", flush=True)
         started = time.perf_counter()
-        passed = run_demo(folder, seed=seed)
+        passed = run_demo(cultvlm, folder, seed=seed)
         seconds = time.perf_counter() - started
         timing = folder / "seconds.json"  # the first (complete) run's time; a resumed run keeps it
         if not timing.is_file():

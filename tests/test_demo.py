@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
+from mlx_cultvlm.cli import main
 from mlx_cultvlm import characters
 from mlx_cultvlm.data.catalog import Entity
 from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE, LARGE_BASE_DIR, THRESHOLDS, run_demo
@@ -104,7 +105,7 @@ def _check_run(out, passed, output):
 
 def test_shortened_demo_runs_every_step_and_reports_honestly(tmp_path, capsys):
     out = tmp_path / "demo"
-    passed = run_demo(out, lora_steps=40, pictures={"target": 10, "control": 20, "negative": 5})  # 12 control test pictures
+    passed = run_demo(main, out, lora_steps=40, pictures={"target": 10, "control": 20, "negative": 5})  # 12 control test pictures
     output = capsys.readouterr().out
     for step in ("data check", "data caption", "data build", "eval", "fuse", "compare"):
         assert f"$ cultvlm {step}" in output
@@ -115,13 +116,13 @@ def test_shortened_demo_runs_every_step_and_reports_honestly(tmp_path, capsys):
     verdicts = _check_run(out, passed, output)
     assert verdicts[:2] == [True, True]  # the base's figures do not depend on the demo's training
     with pytest.raises(Exception, match="other settings"):
-        run_demo(out, lora_steps=41, pictures={"target": 10, "control": 20, "negative": 5})
+        run_demo(main, out, lora_steps=41, pictures={"target": 10, "control": 20, "negative": 5})
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("CULTVLM_FULL_DEMO"), reason="the full demo (~15 min): CULTVLM_FULL_DEMO=1")
 def test_full_demo_meets_every_threshold(tmp_path, capsys):
-    passed = run_demo(tmp_path / "demo")
+    passed = run_demo(main, tmp_path / "demo")
     output = capsys.readouterr().out
     assert all(_check_run(tmp_path / "demo", passed, output)), output[-2000:]
 
