@@ -37,6 +37,7 @@ when each picture has one answer).
 from __future__ import annotations
 
 import math
+import statistics
 
 from .errors import CultvlmError
 
@@ -289,3 +290,52 @@ def compute_metrics(predictions: list[dict], baseline: list[dict] | None = None)
     if baseline is not None:
         out["baseline"] = paired(baseline, records)
     return out
+
+
+# --- over seeds (a series' runs) ---------------------------------------------------------
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    from scipy.stats import t  # deferred: scipy takes a second to import, for a series report only
+
+    return float(t.ppf(1 - (1 - level) / 2, df))
+
+
+def summarize(figures: list[dict]) -> dict:
+    """Across the runs (seeds) of a group: the mean of the per-run values with a Student-t
+    interval (two or more values), and the pooled figure (all answers together) with its
+    Wilson interval."""
+    values = [f["value"] for f in figures if f["n"]]
+    m = len(values)
+    mean = sum(values) / m if m else None
+    half = ci = None
+    if m >= 2:
+        half = t_quantile(m - 1) * statistics.stdev(values) / math.sqrt(m)
+        ci = [max(0.0, mean - half), min(1.0, mean + half)]
+    pooled = figure(sum(f["k"] for f in figures), sum(f["n"] for f in figures))
+    return {"runs": len(figures), "values": values, "mean": mean, "t_half_width": half, "t_ci95": ci,
+            "pooled": pooled}
+
+
+def difference(a: list[dict], b: list[dict]) -> dict:
+    """Seed-matched difference of values (a - b): its mean and Student-t interval."""
+    diffs = [x["value"] - y["value"] for x, y in zip(a, b) if x["n"] and y["n"]]
+    m = len(diffs)
+    mean = sum(diffs) / m if m else None
+    half = t_quantile(m - 1) * statistics.stdev(diffs) / math.sqrt(m) if m >= 2 else None
+    return {"differences": diffs, "mean": mean, "t_half_width": half,
+            "t_ci95": [mean - half, mean + half] if half is not None else None}
+
+
+def _only(items: dict, role: str) -> list[dict]:
+    return [r for r in items.values() if r["role"] == role]
+
+
+def paired_tests(reference: dict, run: dict) -> dict:
+    """`run` against `reference` on their shared items (metrics.paired): naming on targets and
+    on controls (sign tests on pictures), all questions, and control retention."""
+    both = paired(list(reference["items"].values()), list(run["items"].values()))
+    return {"reference": reference["name"], "run": run["name"], "shared": both["shared"],
+            "retention": both["retention"], "all": both["tests"]["all"],
+            "target_naming": paired(_only(reference["items"], "target"), _only(run["items"], "target"))["tests"]["naming"],
+            "control_naming": paired(_only(reference["items"], "control"), _only(run["items"], "control"))["tests"]["naming"]}
+

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlx_cultvlm.cli import main as cultvlm
 from mlx_cultvlm.demo import THRESHOLDS, measure, run_demo
-from mlx_cultvlm.experiment import summarize
+from mlx_cultvlm.metrics import summarize
 from mlx_cultvlm.files import write_json
 from mlx_cultvlm.report import fig_text, pct
 

@@ -16,11 +16,12 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy.stats import t as student_t
 
-import mlx_cultvlm.evaluate as evaluate_module
-import mlx_cultvlm.lora as lora_module
+import mlx_cultvlm.experiment as experiment_module
 from conftest import PIXELS, TARGETS
 from mlx_cultvlm.errors import CultvlmError
-from mlx_cultvlm.experiment import METRICS, command, load_series, plan, run_series
+from mlx_cultvlm.experiment import command, plan, run_series
+from mlx_cultvlm.series import load_series
+from mlx_cultvlm.series_report import METRICS
 from mlx_cultvlm.files import write_json
 from mlx_cultvlm.metrics import KINDS, compute_metrics, mcnemar_exact, paired, wilson
 from mlx_cultvlm.report import count_text, load_run
@@ -70,7 +71,7 @@ class Counter:
 
     def __init__(self, monkeypatch):
         self.trained, self.evaluated = [], []
-        real_train, real_evaluate = lora_module.train, evaluate_module.evaluate
+        real_train, real_evaluate = experiment_module.train, experiment_module.evaluate
 
         def train(cfg, **kw):
             self.trained.append(cfg.out)
@@ -80,8 +81,8 @@ class Counter:
             self.evaluated.append(str(out))
             return real_evaluate(model, out, **kw)
 
-        monkeypatch.setattr(lora_module, "train", train)
-        monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+        monkeypatch.setattr(experiment_module, "train", train)
+        monkeypatch.setattr(experiment_module, "evaluate", evaluate)
 
 
 @pytest.fixture(scope="module")
