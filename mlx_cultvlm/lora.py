@@ -566,35 +566,14 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
     # 5. loop
     base = base_identity(model_dir)
     global_batch = cfg.batch_size * ranks
-    order = batch_order(len(train_set), global_batch, cfg.seed, epoch)
+    cursor = Cursor(epoch, position, batch_order(len(train_set), global_batch, cfg.seed, epoch))
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     steps_this_run = 0
     while step < cfg.steps:
         mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks depend only on (seed, step)
         start = time.perf_counter()
-        grads_sum, loss_sum, n_targets, n_tokens = None, 0.0, 0, 0
-        for _ in range(cfg.grad_accum):
-            if position >= len(order):
-                epoch, position = epoch + 1, 0
-                order = batch_order(len(train_set), global_batch, cfg.seed, epoch)
-            share = order[position][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            position += 1
-            if not share:  # the last batch of an epoch may not reach every rank
-                continue
-            samples = [train_set[i] for i in share]
-            if timer:
-                inputs, (loss, _), grads = timer.step(model, grad_fn, cache, samples, encoder, cfg.vision != "none",
-                                                      cfg.compile)
-            else:
-                inputs = batch_inputs(model, samples, encoder, cache is not None, cfg.compile)
-                (loss, _), grads = grad_fn(inputs, cache(samples) if cache else None)
-            grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
-            mx.eval(grads_sum, loss)
-            loss_sum += loss.item()
-            n_targets += inputs.n_targets
-            n_tokens += inputs.n_tokens
-        if grads_sum is None:
-            grads_sum = tree_map(mx.zeros_like, model.trainable_parameters())
+        grads_sum, loss_sum, n_targets, n_tokens = _accumulate(cfg, model, grad_fn, cache, encoder, train_set,
+                                                               cursor, rank, global_batch, timer)
         if world:  # sums over ranks, so the step is the mean over every target token of the global batch
             grads_sum = tree_map(mx.distributed.all_sum, grads_sum)
             loss_sum, n_targets, n_tokens = mx.distributed.all_sum(
@@ -625,7 +604,7 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         if lead and (step % cfg.save_every == 0 or step == cfg.steps):
             try:
                 save_checkpoint(out / "checkpoint", model, optimizer,
-                                {"step": step, "epoch": epoch, "position": position, "seed": cfg.seed,
+                                {"step": step, "epoch": cursor.epoch, "position": cursor.position, "seed": cfg.seed,
                                  "rng": "mx.random.seed(seed * 1000003 + step) before each step",
                                  "config": asdict(cfg)})
             except CultvlmError:
@@ -646,6 +625,44 @@ def _train_loop(cfg, out, model, processor, encoder, train_set, valid_set, keys,
         _plot_losses(log_path, out / "loss_curve.png", len(train_set), len(valid_set))
         say(f"adapters written to {out}")
     return TrainResult(out, model, processor, encoder)
+
+
+@dataclass
+class Cursor:
+    """Where the loop is in the data: the epoch, the next batch, and that epoch's batch order."""
+    epoch: int
+    position: int
+    order: list[list[int]]
+
+
+def _accumulate(cfg: LoraConfig, model, grad_fn, cache, encoder: SampleEncoder, train_set: list[Sample],
+                cursor: Cursor, rank: int, global_batch: int, timer: StageTimer | None):
+    """One optimizer step's gradients, summed over cfg.grad_accum batches (this rank's share of
+    each), with the summed loss, target tokens and tokens; `cursor` moves past those batches."""
+    grads_sum, loss_sum, n_targets, n_tokens = None, 0.0, 0, 0
+    for _ in range(cfg.grad_accum):
+        if cursor.position >= len(cursor.order):
+            cursor.epoch, cursor.position = cursor.epoch + 1, 0
+            cursor.order = batch_order(len(train_set), global_batch, cfg.seed, cursor.epoch)
+        share = cursor.order[cursor.position][rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+        cursor.position += 1
+        if not share:  # the last batch of an epoch may not reach every rank
+            continue
+        samples = [train_set[i] for i in share]
+        if timer:
+            inputs, (loss, _), grads = timer.step(model, grad_fn, cache, samples, encoder, cfg.vision != "none",
+                                                  cfg.compile)
+        else:
+            inputs = batch_inputs(model, samples, encoder, cache is not None, cfg.compile)
+            (loss, _), grads = grad_fn(inputs, cache(samples) if cache else None)
+        grads_sum = grads if grads_sum is None else tree_map(mx.add, grads_sum, grads)
+        mx.eval(grads_sum, loss)
+        loss_sum += loss.item()
+        n_targets += inputs.n_targets
+        n_tokens += inputs.n_tokens
+    if grads_sum is None:
+        grads_sum = tree_map(mx.zeros_like, model.trainable_parameters())
+    return grads_sum, loss_sum, n_targets, n_tokens
 
 
 def stop_if_not_finite(loss: float, grad_norm: float, step: int, out: Path, cfg: LoraConfig, bar) -> None:
