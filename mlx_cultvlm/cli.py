@@ -1,4 +1,7 @@
-"""The `cultvlm` command line: one subcommand per verb, each a thin layer over its module."""
+"""The `cultvlm` command line: one subcommand per verb, each a thin layer over its module.
+
+Each verb imports its module when it runs: `cultvlm --help` or `cultvlm plan` need not load MLX,
+mlx-vlm and transformers first."""
 
 from __future__ import annotations
 

@@ -29,12 +29,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
+import mlx.core as mx
+from PIL import Image
+from tqdm import tqdm
 
 from .data.catalog import LANGS, ORIGIN_KEYS, Entity, load_catalog
 from .data.check import read_training_record, trained_on
@@ -42,8 +46,13 @@ from .data.questions import EVAL_QUESTIONS
 from .errors import CultvlmError
 from .files import (NOT_UTF8, append_jsonl, check_out_apart, output_lock, printable, read_jsonl, remove_own,
                     utf8_name, write_json)
-from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, fit_to_budget, load_image
+from .generate import answer_steps, check_decoding, run_side_by_side
+from .images import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, fit_to_budget, grid_size, load_image
+from .metrics import compute_metrics
 from .models import resolve_model
+from .samples import read_dataset, resolve_image
+from .score import AnswerScorer
+from .vlm import float32_language_model_on_cpu, load_model
 
 PROBE_KINDS = ("naming_ru", "naming_en")  # --images: the entity may be unknown
 NEGATIVE_SETTINGS = ("adversarial", "popular", "random")  # POPE's, for verify_no
@@ -104,8 +113,6 @@ def items_for_image(image: str, sha256: str, entity: Entity | None, catalog: dic
 def dataset_pictures(data: Path, split: str, catalog: dict[str, Entity]) -> dict[str, tuple[str, str | None]]:
     """sha256 -> (image path, entity id) of each distinct image of the split (a dataset line's
     meta names its entity; an out-of-catalog picture, meta.role "negative", has entity None)."""
-    from .samples import read_jsonl as read_dataset, resolve_image
-
     path = data / f"{split}.jsonl"
     images: dict[str, tuple[str, str | None]] = {}
     for lineno, record in read_dataset(path):
@@ -200,8 +207,6 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
     the batch holds. On the CPU the pictures are shared out among the cores, one stream and
     batch each, run side by side: MLX runs a CPU stream on one core, and the rows of a batch
     are independent."""
-    from .generate import answer_steps, run_side_by_side
-
     if not items:
         return []
     pictures = {path: fit_to_budget(load_image(path), min_pixels, max_pixels)
@@ -224,8 +229,6 @@ def generate_answers(model, processor, items: list[dict], max_tokens: int, min_p
 def picture_workers(n_pictures: int) -> int:
     """Streams to share a batch's pictures among: one per core on the CPU; one on a GPU (Metal
     or CUDA), which runs the whole batch at once."""
-    import mlx.core as mx
-
     return max(1, min(n_pictures, cpu_cores())) if mx.default_device() == mx.cpu else 1
 
 
@@ -233,8 +236,6 @@ def picture_workers(n_pictures: int) -> int:
 def _cpu_streams(n: int) -> list:
     """n CPU streams, made once: every new stream starts a worker thread that lives as long as
     the process."""
-    import mlx.core as mx
-
     return [mx.new_stream(mx.cpu) for _ in range(n)]
 
 
@@ -245,18 +246,12 @@ def let_cpu_streams_overlap() -> None:
     at most ten tasks ahead, so at 20 the streams' graphs come out as long runs of one stream
     while the other cores wait (measured in docs/EVAL.md). A width the user set wins; on a GPU
     nothing changes."""
-    import os
-
-    import mlx.core as mx
-
     if mx.default_device() == mx.cpu:
         os.environ.setdefault("MLX_BFS_MAX_WIDTH", str(100 * cpu_cores()))
 
 
 def cpu_cores() -> int:
     """The cores this process may run on."""
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -272,13 +267,6 @@ def evaluate(model: str, out: str | Path, data: str | None = None, images: str |
     `references` are [image path, label] pictures shown before every question's picture.
     Pictures the model or adapter was trained on (or near-duplicates of them) are refused, or
     with `drop_trained` left out and counted in run.json."""
-    from tqdm import tqdm
-
-    from .generate import check_decoding
-    from .vlm import float32_language_model_on_cpu, load_model
-    from .metrics import compute_metrics
-    from .score import AnswerScorer
-
     let_cpu_streams_overlap()
     if (data is None) == (images is None):
         raise CultvlmError("give exactly one of --data DATASET (with --split) or --images DIR")
@@ -382,9 +370,7 @@ def _previous_predictions(out: Path, run: dict, force: bool) -> set[str]:
 
 
 def _image_size(path: str, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    from PIL import Image
 
-    from .images import grid_size
 
     with Image.open(path) as img:
         w, h = img.size

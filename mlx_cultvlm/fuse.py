@@ -16,10 +16,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_vlm.utils import save_config, save_weights
 
 from .data.check import TRAINED_ON
 from .errors import CultvlmError
 from .files import check_out_apart, check_replaceable, model_folder, output_lock, write_json
+from .models import resolve_model
+from .vlm import load_model
 
 # Tokenizer, chat template and processor files to carry over from the base folder.
 SIDE_FILES = ("*.json", "*.txt", "*.jinja")
@@ -28,12 +32,6 @@ NOT_COPIED = {"config.json", "model.safetensors.index.json", "cultvlm_convert.js
 
 def fuse(model: str, adapter: str, out: str | Path, dequantize: bool = False, force: bool = False,
          models_root: str | None = None) -> Path:
-    from mlx_lm.tuner.lora import LoRALinear
-    from mlx_vlm.utils import save_config, save_weights
-
-    from .vlm import load_model
-    from .models import resolve_model
-
     out = Path(out)
     base_dir = resolve_model(model, models_root)
     check_out_apart(out, "fuse", model=base_dir, adapter=adapter)

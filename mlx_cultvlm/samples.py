@@ -44,8 +44,10 @@ class Sample:
         return [(path, h, w) for path, (h, w) in zip(self.image_paths, self.image_sizes)]
 
 
-def read_jsonl(path: Path) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; a broken line is an error naming it."""
+def read_dataset(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a dataset file, read strictly: a
+    broken line is an error naming it (files.read_jsonl reads the logs this project appends to,
+    where a torn last line is a crash to repair)."""
     if not path.is_file():
         raise CultvlmError(f"{path}: missing")
     records = []
@@ -197,7 +199,7 @@ def load_split(path: Path, encoder: SampleEncoder, skip_bad: bool = False,
     Bad lines fail the run (listing them all), or are skipped and reported with skip_bad.
     `kinds`: keep only the lines whose meta.kind is one of them (None: every line)."""
     samples, problems, seen = [], [], set()
-    for lineno, record in read_jsonl(path):
+    for lineno, record in read_dataset(path):
         if kinds is not None:
             kind = (record.get("meta") or {}).get("kind") if isinstance(record, dict) else None
             if not isinstance(kind, str):

@@ -18,7 +18,7 @@ from mlx_cultvlm.data.catalog import load_catalog, save_catalog
 from mlx_cultvlm.errors import CultvlmError
 from mlx_cultvlm.score import AnswerScorer
 from mlx_cultvlm.images import load_image
-from mlx_cultvlm.samples import normalize_messages, read_jsonl, resolve_image
+from mlx_cultvlm.samples import normalize_messages, read_dataset, resolve_image
 from test_data_catalog import SHIPPED
 from test_data_check import near_variant, picture, save
 
@@ -93,7 +93,7 @@ def built(base_tree, tmp_path_factory):
     result = CliRunner().invoke(command, ["--out", str(out), "--images", str(data / "images"),
                                           "--catalog", str(data / "entities.json"), "--seed", "3"])
     assert result.exit_code == 0, result.output
-    lines = {split: [r for _, r in read_jsonl(out / f"{split}.jsonl")] for split in ("train", "valid", "test")}
+    lines = {split: [r for _, r in read_dataset(out / f"{split}.jsonl")] for split in ("train", "valid", "test")}
     return out, lines, result.output
 
 
@@ -155,7 +155,7 @@ def test_negatives_are_split_and_asked_who_and_is_this(tmp_path):
     assert sum(result.images["negatives", s] for s in ("train", "valid", "test")) == 11
     assert any("near-duplicates under different entities" in w and "negatives/stray_alpha.png" in w
                for w in result.warnings)
-    lines = {split: [r for _, r in read_jsonl(tmp_path / "out" / f"{split}.jsonl")] for split in ("train", "test")}
+    lines = {split: [r for _, r in read_dataset(tmp_path / "out" / f"{split}.jsonl")] for split in ("train", "test")}
     unknown = [r for r in lines["train"] if r["meta"]["kind"] == "unknown"]
     assert unknown and all(r["meta"]["entity"] is None and r["meta"]["role"] == "negative" for r in unknown)
     assert {r["messages"][1]["content"] for r in unknown} == {"Я не знаю этого персонажа.", "I don't know this character."}
@@ -278,7 +278,7 @@ def test_rebuild_keeps_every_old_image_in_its_split(tree, tmp_path):
     assert new["test"] >= 3 and new["valid"] >= 1 and new["train"] >= 10  # new groups fill the quotas
     # The files say the same as the result.
     on_disk = {r["meta"]["sha256"]: r["meta"]["split"]
-               for split in ("train", "valid", "test") for _, r in read_jsonl(out / f"{split}.jsonl")}
+               for split in ("train", "valid", "test") for _, r in read_dataset(out / f"{split}.jsonl")}
     assert on_disk == later
 
 

@@ -156,7 +156,7 @@ def test_eval_lets_cpu_streams_overlap_before_it_loads_the_model(tiny_4bit, data
         seen.append(os.environ.get("MLX_BFS_MAX_WIDTH"))
         raise RuntimeError("stop before loading")
 
-    monkeypatch.setattr(generate_module, "load_model", loading)
+    monkeypatch.setattr(evaluate_module, "load_model", loading)
     monkeypatch.delenv("MLX_BFS_MAX_WIDTH", raising=False)
     with pytest.raises(RuntimeError, match="stop before loading"):
         run_eval(tiny_4bit, tmp_path / "default", root)
@@ -171,7 +171,6 @@ def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_
     vision tower sees each picture once (in one pass per CPU core the pictures are shared out
     to), rows whose answers end early leave the batch, and every answer equals the one-by-one
     path's."""
-    import mlx_cultvlm.lora as lora_module
     from mlx_cultvlm import characters
     from mlx_cultvlm.demo import BASE_DIR, IMAGE_SIZE
     from mlx_cultvlm.evaluate import items_for_image
@@ -184,8 +183,8 @@ def test_batch_encodes_each_picture_once_and_matches_one_by_one_as_rows_end(tmp_
              for i in items_for_image(str(paths[0]), f"{k:064x}", catalog[entity], catalog)]
     model, processor = load_model(str(BASE_DIR))
     encoded = []
-    real_features = lora_module.image_features
-    monkeypatch.setattr(lora_module, "image_features",
+    real_features = generate_module.image_features
+    monkeypatch.setattr(generate_module, "image_features",
                         lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
     batched = generate_answers(model, processor, probe, 24, 3136, IMAGE_SIZE ** 2)
     assert sum(encoded) == 4 and len(encoded) == min(4, cpu_cores())
@@ -203,7 +202,6 @@ def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4
     test picture), labelled, before each question's picture. The references go through the
     vision tower once per batch (one per CPU core); answers equal mlx-vlm's one-by-one generation with the same
     pictures and prompt; run.json records them, so another choice of references is another run."""
-    import mlx_cultvlm.lora as lora_module
     from mlx_cultvlm.evaluate import reference_pictures
 
     root, items = dataset
@@ -217,8 +215,8 @@ def test_reference_pictures_come_before_the_question_and_match_one_by_one(tiny_4
     probe = items_from_dataset(root, "test", catalog)[::5][:10]
     model, processor = load_model(str(tiny_4bit))
     encoded = []
-    real_features = lora_module.image_features
-    monkeypatch.setattr(lora_module, "image_features",
+    real_features = generate_module.image_features
+    monkeypatch.setattr(generate_module, "image_features",
                         lambda m, pixels, grid: encoded.append(grid.shape[0]) or real_features(m, pixels, grid))
     batched = generate_answers(model, processor, probe, 24, 3136, PIXELS, references)
     pictures = len({p["image"] for p in probe})

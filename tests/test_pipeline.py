@@ -9,7 +9,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from mlx_cultvlm.cli import main
-from mlx_cultvlm.samples import read_jsonl
+from mlx_cultvlm.samples import read_dataset
 from synthetic import CATALOG_IDS as IDS, ENTITIES, draw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_pictures_to_adapter(tiny_4bit, tmp_path, monkeypatch):
     run("data", "build", "--out", "datasets/synthetic")
 
     dataset = tmp_path / "datasets" / "synthetic"
-    splits = {s: [r for _, r in read_jsonl(dataset / f"{s}.jsonl")] for s in ("train", "valid", "test")}
+    splits = {s: [r for _, r in read_dataset(dataset / f"{s}.jsonl")] for s in ("train", "valid", "test")}
     assert {r["meta"]["kind"] for r in splits["train"]} >= {"naming", "fact", "describe", "verify_yes", "verify_no", "replay"}
     train_images = {r["meta"]["sha256"] for r in splits["train"]}
     assert not train_images & {r["meta"]["sha256"] for r in splits["test"]}
