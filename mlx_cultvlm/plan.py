@@ -91,11 +91,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import click
+from pydantic import Field
 
 from .errors import CultvlmError
 from .images import DEFAULT_MAX_PIXELS, FACTOR, QWEN_MAX_PIXELS
+from .settings import Count, NonNegativeCount, Positive, Share, checked, settings_class
 
 GB = 1024**3  # memory sizes are binary, as Apple's "24 GB" is
 PIXEL_VALUES = 3 * 2 * 14 * 14  # floats per patch handed to the vision tower (channels x temporal x 14 x 14)
@@ -527,6 +530,18 @@ def recommendation_line(choice: Choice | None, models, memory_gb: float, usable:
             + (f"; room for {' or '.join(room)}" if room else "") + ")")
 
 
+@settings_class
+class PlanSettings:
+    """`cultvlm plan`'s flags, checked as every setting is (settings.py)."""
+    memory: Positive  # GB
+    rank: Count
+    max_pixels: Annotated[int, Field(strict=True, ge=FACTOR * FACTOR, le=QWEN_MAX_PIXELS)]
+    batch: Count
+    text_tokens: Count
+    images: NonNegativeCount
+    usable: Share
+
+
 @click.command("plan")
 @click.option("--memory", type=float, required=True, help="unified memory of the machine, GB (e.g. 24)")
 @click.option("--model", default=None, help=f"one preset ({', '.join(PLAN_MODELS)}); default: all of them")
@@ -543,17 +558,8 @@ def recommendation_line(choice: Choice | None, models, memory_gb: float, usable:
               help="share of the memory the GPU may use (macOS default: about 2/3 to 3/4)")
 def plan_command(memory, model, rank, max_pixels, batch, grad_checkpoint, text_tokens, images, usable):
     """Predict the memory of LoRA training and inference per model; recommend what fits."""
-    if not memory > 0:
-        raise CultvlmError(f"--memory must be a positive number of GB, got {memory:g}")
-    if not 0 < usable <= 1:
-        raise CultvlmError(f"--usable must be in (0, 1], got {usable:g}")
-    for name, value in (("--rank", rank), ("--batch", batch), ("--text-tokens", text_tokens)):
-        if value <= 0:
-            raise CultvlmError(f"{name} must be positive, got {value}")
-    if images < 0:
-        raise CultvlmError(f"--images must be 0 or more, got {images}")
-    if not FACTOR * FACTOR <= max_pixels <= QWEN_MAX_PIXELS:
-        raise CultvlmError(f"--max-pixels must be in [{FACTOR * FACTOR}, {QWEN_MAX_PIXELS}], got {max_pixels}")
+    checked(PlanSettings, dict(memory=memory, rank=rank, max_pixels=max_pixels, batch=batch,
+                               text_tokens=text_tokens, images=images, usable=usable))
     models = PLAN_MODELS if model is None else (model,)
     for name in models:
         preset_arch(name)  # an unknown model fails before any output

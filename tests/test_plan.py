@@ -228,13 +228,15 @@ def test_the_table_covers_every_preset_or_the_one_asked_for():
 @pytest.mark.parametrize("args, message", [
     (["--memory", "24", "--model", "13b-4bit"], "unknown model '13b-4bit'"),
     (["--memory", "24", "--model", "tiny"], "model 'tiny'"),
-    (["--memory", "0"], "--memory must be a positive number"),
-    (["--memory", "-8"], "--memory must be a positive number"),
-    (["--memory", "nan"], "--memory must be a positive number"),
-    (["--memory", "24", "--rank", "0"], "--rank must be positive"),
-    (["--memory", "24", "--batch", "-1"], "--batch must be positive"),
-    (["--memory", "24", "--max-pixels", "100"], "--max-pixels must be in"),
-    (["--memory", "24", "--usable", "1.5"], "--usable must be in"),
+    (["--memory", "0"], "memory must be greater than 0, got 0.0"),
+    (["--memory", "-8"], "memory must be greater than 0, got -8.0"),
+    (["--memory", "nan"], "memory must be a finite number, got nan"),
+    (["--memory", "24", "--rank", "0"], "rank must be greater than 0, got 0"),
+    (["--memory", "24", "--batch", "-1"], "batch must be greater than 0, got -1"),
+    (["--memory", "24", "--images", "-1"], "images must be greater than or equal to 0, got -1"),
+    (["--memory", "24", "--max-pixels", "100"], "max_pixels must be greater than or equal to 784, got 100"),
+    (["--memory", "24", "--max-pixels", "99999999"], "max_pixels must be less than or equal to 12845056"),
+    (["--memory", "24", "--usable", "1.5"], "usable must be less than or equal to 1, got 1.5"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     result = run(*args)
