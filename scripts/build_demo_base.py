@@ -189,7 +189,8 @@ def train_language(model_dir: Path, data: Path, out: Path, cfg: dict = LANGUAGE)
     """LoRA on every text linear and the LM head (rank 64: full rank at this width) with the
     vision tower frozen, then merged into the weights: the project's own `lora` and `fuse`."""
     from mlx_cultvlm.fuse import fuse
-    from mlx_cultvlm.lora import TEXT_LINEARS, LoraConfig, train
+    from mlx_cultvlm.lora import LoraConfig, train
+    from mlx_cultvlm.vlm import TEXT_LINEARS
 
     run = LoraConfig(model=str(model_dir), data=str(data), out=str(out / "adapters"), max_pixels=IMAGE_SIZE ** 2,
                      rank=cfg["rank"], alpha=cfg["alpha"], dropout=cfg["dropout"],
@@ -229,7 +230,7 @@ def build(out: Path, work: Path, vision_weights: Path | None = None, from_phase:
     base takes the small base's finished tower and runs the language stage only."""
     from mlx_cultvlm.convert import convert
     from mlx_cultvlm.files import replace_folder, write_json
-    from mlx_cultvlm.generate import load_model
+    from mlx_cultvlm.vlm import load_model
     from mlx_cultvlm.tiny import build_tiny_qwen
 
     spec = SIZES[size][0]
