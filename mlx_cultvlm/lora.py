@@ -260,11 +260,10 @@ def make_grad_fn(model, vision_trainable: bool, use_compile: bool):
 def memory_plan_line(model_dir: Path, model, cfg: LoraConfig, samples: list[Sample], cached: bool) -> str:
     """`cultvlm plan`'s formula for this run's real sequences and feature cache, before the
     first step: the plan's defaults (64 text tokens, --images) may be far from the data."""
-
     config = read_config(model_dir)
-    pad = config.get("image_token_id")
-    image_tokens = max(int((s.input_ids == pad).sum()) for s in samples)
-    text_tokens = max(len(s.input_ids) - int((s.input_ids == pad).sum()) for s in samples)
+    pads = [int((s.input_ids == config.get("image_token_id")).sum()) for s in samples]
+    image_tokens = max(pads)
+    text_tokens = max(len(s.input_ids) - n for s, n in zip(samples, pads))
     images = len({str(p) for s in samples for p in s.image_paths}) if cached else 0
     floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
     quantization = config.get("quantization") or {}
